@@ -1,0 +1,346 @@
+"""Configuration: one dataclass per stage, one recipe that holds them, YAML in and out.
+
+A recipe is a YAML file with top-level run settings and one section per stage::
+
+    name: pets
+    dataset: pets
+    prompts: {generator: template}
+    distill: {student: tiny_vit_5m_224, lr: 5.0e-4}
+
+``--set distill.lr=1e-4`` overrides any field. Unknown keys and values of the wrong type are
+refused before any work starts, with the valid keys named (closest first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from synthdistill.errors import SynthdistillError
+
+STAGES = ("prompts", "generate", "distill", "evaluate", "export")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line help text (shown by ``--help`` and docs)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PromptsConfig:
+    """Stage 1: class names become text prompts."""
+
+    generator: str = option("template", "'template' (combinatorial, no model) or 'llm'.")
+    per_class: int | None = option(None, "Prompts (= images) per class; default: the dataset's count.")
+    llm: str = option(
+        "meta-llama/Llama-2-7b-chat-hf", "Instruction-tuned LLM: hub id, local folder or 'tiny'."
+    )
+    llm_batch_size: int = option(8, "Conversations generated at once by the LLM.")
+    llm_max_new_tokens: int = option(256, "Longest LLM answer, in tokens.")
+    options_per_dimension: int = option(10, "Options the LLM is asked for per contextual dimension.")
+    max_prompt_tokens: int = option(77, "Prompts longer than this (text-encoder tokens) are shortened.")
+
+
+@dataclass
+class GenerateConfig:
+    """Stage 2: prompts become images in WebDataset shards."""
+
+    model: str = option(
+        "stabilityai/stable-diffusion-xl-base-1.0", "Diffusers model id, local folder or 'tiny'."
+    )
+    lora: str | None = option("latent-consistency/lcm-lora-sdxl", "LoRA fused into the UNet (none: null).")
+    scheduler: str = option("lcm", "Scheduler: 'lcm' or 'default' (the pipeline's own).")
+    steps: int = option(4, "Denoising steps.")
+    guidance: float = option(1.0, "Classifier-free guidance scale (LCM-LoRA: 1.0-2.0).")
+    resolution: int | None = option(None, "Generated image side in pixels; default: the model's.")
+    negative_prompt: str = option("", "Negative prompt (ignored at guidance <= 1).")
+    store_size: int | None = option(256, "Short side of stored images in pixels; null keeps full size.")
+    jpeg_quality: int = option(95, "JPEG quality of stored images.")
+    batch_size: int = option(8, "Images generated at once per GPU.")
+    shard_size: int = option(1000, "Images per output shard.")
+    precision: str = option("auto", "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
+    vae: str | None = option(None, "Replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix); null: the model's.")
+    compile: bool = option(False, "torch.compile the UNet.")
+    safety_checker: bool = option(False, "Keep the pipeline's safety checker (off by default).")
+
+
+@dataclass
+class DistillConfig:
+    """Stage 3: the teacher's image embeddings are distilled into a student."""
+
+    teacher: str = option("ViT-B-32", "open_clip model name, or 'tiny'.")
+    teacher_pretrained: str | None = option(
+        "datacomp_xl_s13b_b90k", "open_clip pretrained tag or local file."
+    )
+    student: str = option("tiny_vit_5m_224", "timm model name, or 'tiny'.")
+    student_pretrained: bool = option(False, "Start the student from timm's pretrained weights.")
+    head: str = option("linear", "Projection head to the teacher's embedding size: 'linear' or 'mlp'.")
+    loss: str = option("fd", "Loss name (fd, vl, mpc) or weighted sum such as 'fd:1,vl:0.5'.")
+    fd_variant: str = option("l2", "Feature distillation distance: l2 (normalised), cosine or mse.")
+    learnable_temperature: bool = option(False, "vl/mpc: learn the temperature instead of the teacher's.")
+    epochs: int = option(96, "Passes over the synthetic images.")
+    batch_size: int = option(256, "Global batch size (split across ranks).")
+    lr: float = option(5e-4, "AdamW learning rate.")
+    weight_decay: float = option(0.1, "AdamW weight decay.")
+    schedule: str = option("constant", "Learning-rate schedule: constant or cosine.")
+    warmup_steps: int = option(0, "Linear warm-up steps.")
+    grad_clip: float | None = option(1.0, "Gradient-norm clipping; null disables.")
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")
+    compile: bool = option(False, "torch.compile the student.")
+    workers: int = option(4, "Data-loader worker processes per rank.")
+    aug_scale_min: float = option(0.9, "Smallest RandomResizedCrop area (CLIP training uses 0.9).")
+    cache_teacher: bool = option(True, "Embed fixed augmented views once with the teacher and replay them.")
+    cache_views: int = option(8, "Augmented views per image in the teacher cache.")
+    checkpoint_every: int = option(500, "Steps between checkpoints.")
+    log_every: int = option(10, "Steps between log lines.")
+    image_size: int | None = option(None, "Student input size; default: the timm model's.")
+
+
+@dataclass
+class EvaluateConfig:
+    """Stage 4: zero-shot accuracy on real test sets, student and teacher side by side."""
+
+    datasets: list[str] = option([], "Registry datasets to evaluate on; default: the recipe's dataset.")
+    data_root: str = option("data", "Folder holding the real test sets (see README for the layout).")
+    image_folder: str | None = option(None, "An ImageFolder-style test set instead of registry datasets.")
+    batch_size: int = option(128, "Images per batch.")
+    workers: int = option(4, "Data-loader worker processes.")
+    download: bool = option(False, "Let torchvision download missing test sets.")
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")
+    with_teacher: bool = option(True, "Also evaluate the teacher on the same images.")
+    max_images: int | None = option(None, "Evaluate at most this many images per dataset (quick checks).")
+
+
+@dataclass
+class ExportConfig:
+    """Stage 5: the student plus its zero-shot head as one deployable model."""
+
+    formats: list[str] = option(["onnx"], "Any of onnx, torchscript, open_clip.")
+    opset: int = option(17, "ONNX opset (>= 17).")
+    atol: float = option(1e-4, "Largest allowed difference between exported and PyTorch outputs.")
+    bench: bool = option(True, "Measure CPU latency of student and teacher for the model card.")
+
+
+@dataclass
+class RecipeConfig:
+    """A whole run: where it lives, what domain it serves, and every stage's settings."""
+
+    name: str = option("run", "Run name; the run lives in runs/<name> unless run_dir is set.")
+    run_dir: str | None = option(None, "Run directory; default runs/<name>.")
+    dataset: str | None = option("pets", "Registry dataset that names the classes (see `datasets list`).")
+    classes_file: str | None = option(None, "A user class list (one per line) instead of a registry dataset.")
+    superclass: str | None = option(None, "Superclass word for a user class list (e.g. 'bird').")
+    seed: int = option(0, "Run seed; every image seed and data order derives from it.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+class ConfigError(SynthdistillError):
+    """A recipe or override that cannot be used."""
+
+
+def field_help(cls: type, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
+def valid_keys(cls: type = RecipeConfig, prefix: str = "") -> list[str]:
+    """Every dotted key a recipe or ``--set`` accepts."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(valid_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    rest = [k for k in keys if k not in close]
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return ConfigError(f"Unknown key '{key}' in {where}; {hint}valid keys: {', '.join(close + rest)}.")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; convert only where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}.")
+        return [coerce(v, item, key) for v in value]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}.")
+        return {coerce(k, key_tp, key): coerce(v, value_tp, key) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"'{key}' must be of type {_type_name(tp)}, got {value!r}.")
+
+
+def _apply_mapping(obj: Any, mapping: dict, where: str, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key(key, where)
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' in {where} must be a section (a mapping of keys), got {value!r}.")
+            _apply_mapping(getattr(obj, name), value, where, f"{key}.")
+        else:
+            setattr(obj, name, coerce(value, hints[name], key))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'distill.lr=1e-4' -> ('distill.lr', 1e-4), the value read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' must look like key=value, e.g. distill.lr=1e-4.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(recipe: RecipeConfig, overrides: list[str] | dict[str, Any]) -> RecipeConfig:
+    """Set dotted keys on a recipe, checking each key and type."""
+    pairs = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    for key, value in pairs:
+        if key not in valid_keys():
+            raise _unknown_key(key, "--set")
+        *sections, name = key.split(".")
+        nested: dict[str, Any] = {name: value}
+        for section in reversed(sections):
+            nested = {section: nested}
+        _apply_mapping(recipe, nested, "--set")
+    validate(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] = ()) -> RecipeConfig:
+    """Read a recipe YAML (or start from defaults), apply overrides, validate."""
+    recipe = RecipeConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Recipe file '{path}' does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Recipe '{path}' is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"Recipe '{path}' must be a mapping of keys at the top level.")
+        _apply_mapping(recipe, data, f"recipe '{path}'")
+        if "name" not in data and "run_dir" not in data:
+            recipe.name = path.stem
+    return apply_overrides(recipe, overrides)
+
+
+def validate(recipe: RecipeConfig) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    choices = {
+        "prompts.generator": (recipe.prompts.generator, ("template", "llm")),
+        "generate.scheduler": (recipe.generate.scheduler, ("lcm", "default")),
+        "distill.head": (recipe.distill.head, ("linear", "mlp")),
+        "distill.fd_variant": (recipe.distill.fd_variant, ("l2", "cosine", "mse")),
+        "distill.schedule": (recipe.distill.schedule, ("constant", "cosine")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got '{value}'.")
+    positive = {
+        "prompts.per_class": recipe.prompts.per_class,
+        "generate.steps": recipe.generate.steps,
+        "generate.batch_size": recipe.generate.batch_size,
+        "generate.shard_size": recipe.generate.shard_size,
+        "distill.epochs": recipe.distill.epochs,
+        "distill.batch_size": recipe.distill.batch_size,
+        "distill.cache_views": recipe.distill.cache_views,
+        "evaluate.batch_size": recipe.evaluate.batch_size,
+    }
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"'{key}' must be a positive number; got {value}.")
+    bad_formats = set(recipe.export.formats) - {"onnx", "torchscript", "open_clip"}
+    if bad_formats:
+        raise ConfigError(
+            f"'export.formats' has unknown {sorted(bad_formats)}; use onnx, torchscript, open_clip."
+        )
+    if recipe.classes_file is None and recipe.dataset is None:
+        raise ConfigError("A recipe needs a 'dataset' from the registry or a 'classes_file'.")
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_recipe(recipe: RecipeConfig) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of configs (dataclasses or plain values), for the run manifest and caches."""
+    plain = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,92 @@
+import pytest
+
+from synthdistill.config import (
+    ConfigError,
+    RecipeConfig,
+    config_hash,
+    dump_recipe,
+    load_recipe,
+    valid_keys,
+)
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_paper():
+    recipe = RecipeConfig()
+    assert (recipe.distill.teacher, recipe.distill.teacher_pretrained) == (
+        "ViT-B-32",
+        "datacomp_xl_s13b_b90k",
+    )
+    assert (recipe.distill.lr, recipe.distill.batch_size, recipe.distill.epochs) == (5e-4, 256, 96)
+    assert (recipe.generate.steps, recipe.generate.guidance) == (4, 1.0)
+
+
+def test_recipe_sections_and_overrides(tmp_path):
+    path = write(tmp_path, "dataset: dtd\ndistill:\n  student: efficientnet_b0\n  lr: 1.0e-3\n")
+    recipe = load_recipe(path, ["distill.lr=1e-4", "generate.steps=8", "evaluate.datasets=pets,dtd"])
+    assert recipe.dataset == "dtd"
+    assert recipe.distill.student == "efficientnet_b0"
+    assert recipe.distill.lr == pytest.approx(1e-4)
+    assert recipe.generate.steps == 8
+    assert recipe.evaluate.datasets == ["pets", "dtd"]
+    assert recipe.name == "recipe"  # named after the file unless it says otherwise
+
+
+def test_unknown_key_names_the_closest_valid_key_first(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_recipe(write(tmp_path, "distill:\n  lrr: 0.1\n"))
+    message = str(error.value)
+    assert "'distill.lrr'" in message
+    assert message.index("distill.lr") < message.index("valid keys")
+    assert message.split("valid keys: ")[1].startswith("distill.lr,")
+
+
+def test_wrong_type_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="distill.epochs.*int"):
+        load_recipe(None, ["distill.epochs=1.5"])
+    with pytest.raises(ConfigError, match="must be a section"):
+        load_recipe(write(tmp_path, "distill: 3\n"))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "distill: [unclosed\n"))
+
+
+def test_choices_and_ranges_are_validated():
+    with pytest.raises(ConfigError, match="prompts.generator"):
+        load_recipe(None, ["prompts.generator=gpt"])
+    with pytest.raises(ConfigError, match="positive"):
+        load_recipe(None, ["prompts.per_class=0"])
+
+
+def test_dumped_recipe_loads_back_identically(tmp_path):
+    recipe = load_recipe(None, ["distill.lr=0.002", "generate.lora=null", "name=x"])
+    again = load_recipe(write(tmp_path, dump_recipe(recipe)))
+    assert again == recipe
+    assert config_hash(again) == config_hash(recipe)
+    assert config_hash(again.distill) != config_hash(load_recipe(None, ["distill.lr=0.003"]).distill)
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    from synthdistill import config
+
+    for cls in (
+        config.PromptsConfig,
+        config.GenerateConfig,
+        config.DistillConfig,
+        config.EvaluateConfig,
+        config.ExportConfig,
+    ):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+    assert "distill.lr" in valid_keys()
