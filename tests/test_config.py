@@ -90,3 +90,12 @@ def test_every_field_has_help():
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
     assert "distill.lr" in valid_keys()
+
+
+def test_layered_recipes_are_named_after_their_files(tmp_path):
+    base = write(tmp_path, "dataset: pets\ndistill:\n  student: tiny_vit_5m_224\n  lr: 1.0e-3\n", "pets.yaml")
+    overlay = write(tmp_path, "distill:\n  student: efficientnet_b0\n", "efficientnet_b0.yaml")
+    recipe = load_recipe([base, overlay])
+    assert (recipe.dataset, recipe.distill.student, recipe.distill.lr) == ("pets", "efficientnet_b0", 1e-3)
+    assert recipe.name == "pets-efficientnet_b0"
+    assert load_recipe([base, overlay], ["name=mine"]).name == "mine"

@@ -278,11 +278,21 @@ def apply_overrides(recipe: RecipeConfig, overrides: list[str] | dict[str, Any])
     return recipe
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] = ()) -> RecipeConfig:
-    """Read a recipe YAML (or start from defaults), apply overrides, validate."""
+def load_recipe(
+    paths: str | Path | list[str | Path] | None = None, overrides: list[str] | dict[str, Any] = ()
+) -> RecipeConfig:
+    """Read recipe YAML files (later ones override earlier ones), apply overrides, validate.
+
+    Without a ``name`` in any file, the run is named after the files' stems joined by '-', so
+    ``configs/pets.yaml configs/students/efficientnet_b0.yaml`` becomes run 'pets-efficientnet_b0'.
+    """
     recipe = RecipeConfig()
-    if path is not None:
-        path = Path(path)
+    if paths is None:
+        paths = []
+    elif isinstance(paths, str | Path):
+        paths = [paths]
+    named = False
+    for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"Recipe file '{path}' does not exist.")
         try:
@@ -292,8 +302,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not isinstance(data, dict):
             raise ConfigError(f"Recipe '{path}' must be a mapping of keys at the top level.")
         _apply_mapping(recipe, data, f"recipe '{path}'")
-        if "name" not in data and "run_dir" not in data:
-            recipe.name = path.stem
+        beside = path.parent / str(data.get("classes_file", ""))
+        if data.get("classes_file") and not Path(data["classes_file"]).is_absolute() and beside.is_file():
+            recipe.classes_file = str(beside)  # a class file named by a recipe lives beside it
+        named = named or "name" in data or "run_dir" in data
+    if paths and not named:
+        recipe.name = "-".join(Path(p).stem for p in paths)
     return apply_overrides(recipe, overrides)
 
 

@@ -10,7 +10,13 @@ from synthdistill.registry import Domain, resolve_domain
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe")
-    group.add_argument("-c", "--config", metavar="RECIPE.yaml", help="Recipe file to start from.")
+    group.add_argument(
+        "-c",
+        "--config",
+        metavar="RECIPE.yaml",
+        action="append",
+        help="Recipe file to start from; repeat to layer recipes (later ones win).",
+    )
     group.add_argument(
         "--set",
         dest="overrides",

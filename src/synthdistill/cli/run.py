@@ -1,0 +1,55 @@
+"""``synthdistill run RECIPE.yaml``: the whole pipeline in one run directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from synthdistill.config import STAGES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="Run prompts -> generate -> distill -> evaluate -> export from a recipe.",
+        description="Run the recipe's stages in order in runs/<name>. Finished stages are skipped, an "
+        "interrupted stage resumes, and outputs made under another config are refused unless --force.",
+    )
+    parser.add_argument(
+        "recipes", nargs="+", metavar="RECIPE.yaml", help="Recipe file(s); later files override earlier ones."
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override any recipe key, e.g. --set distill.student=efficientnet_b0.",
+    )
+    parser.add_argument("--name", help="Run name (the run lives in runs/<name>).")
+    parser.add_argument("--run-dir", help="Run directory (default runs/<name>).")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N.")
+    parser.add_argument("--until", choices=STAGES, help="Stop after this stage.")
+    parser.add_argument("--from", dest="start_from", choices=STAGES, help="Redo this stage and all after it.")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Redo the selected stages even if the run holds outputs of another config.",
+    )
+    parser.add_argument("--no-report", dest="report", action="store_false", help="Do not write the report.")
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from synthdistill.config import apply_overrides, load_recipe
+    from synthdistill.pipeline import run_pipeline
+
+    explicit = {
+        k: v
+        for k, v in {"name": args.name, "run_dir": args.run_dir, "device": args.device}.items()
+        if v is not None
+    }
+    recipe = apply_overrides(load_recipe(args.recipes, explicit), args.overrides)
+    result = run_pipeline(
+        recipe, until=args.until, start_from=args.start_from, force=args.force, report=args.report
+    )
+    print(f"run finished: {result.run_dir}")

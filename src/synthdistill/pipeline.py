@@ -1,0 +1,203 @@
+"""``synthdistill run``: every stage in order over one run directory.
+
+Each stage's config hash folds in the hashes of the stages before it, so changing a prompt
+setting invalidates the images, the student and everything after; the manifest then refuses to
+mix outputs unless the run is forced from that stage. A stage recorded as running under the same
+hash is simply called again: generation skips finished shards and distillation resumes from its
+checkpoint, so a killed run finishes with the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synthdistill.config import STAGES, RecipeConfig, config_hash, dump_recipe
+from synthdistill.errors import SynthdistillError
+from synthdistill.registry import Domain, resolve_domain
+from synthdistill.rundir import RunDir
+from synthdistill.runtime import DistEnv, barrier, dist_env, init_distributed, resolve_device
+
+# Stages that use every rank under torchrun; the others run on rank 0 while the rest wait.
+PARALLEL_STAGES = ("generate", "distill")
+
+
+@dataclass
+class RunResult:
+    """What a pipeline run did: per stage 'done' (ran now), 'skipped' (already done) or 'not run'."""
+
+    run_dir: Path
+    stages: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None
+
+
+def stage_hashes(recipe: RecipeConfig, domain: Domain) -> dict[str, str]:
+    """Each stage's hash covers its own settings and every upstream stage's hash."""
+    identity = {
+        "classnames": domain.classnames,
+        "superclass": domain.superclass,
+        "class_superclasses": domain.class_superclasses,
+        "dimensions": domain.contextual_dimensions,
+        "templates": domain.templates,
+    }
+    hashes: dict[str, str] = {}
+    hashes["prompts"] = config_hash(identity, recipe.seed, recipe.prompts)
+    hashes["generate"] = config_hash(hashes["prompts"], recipe.generate)
+    hashes["distill"] = config_hash(hashes["generate"], recipe.seed, recipe.distill)
+    hashes["evaluate"] = config_hash(hashes["distill"], recipe.evaluate)
+    hashes["export"] = config_hash(hashes["distill"], identity, recipe.export)
+    return hashes
+
+
+def _as_dict(summary: object) -> dict:
+    if summary is None:
+        return {}
+    if hasattr(summary, "to_dict"):
+        return summary.to_dict()
+    if dataclasses.is_dataclass(summary):
+        return dataclasses.asdict(summary)
+    return dict(summary) if isinstance(summary, dict) else {"result": str(summary)}
+
+
+def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[str, Callable[[], object]]:
+    """One zero-argument callable per stage, calling that stage's public function."""
+
+    def prompts():
+        from synthdistill.prompts import write_prompts
+
+        return write_prompts(domain, recipe.prompts, run.prompts, seed=recipe.seed, device=recipe.device)
+
+    def generate():
+        from synthdistill.generate import generate_images
+
+        return generate_images(run.prompts, run.shards, recipe.generate, device=recipe.device)
+
+    def distill():
+        from synthdistill.distill import distill as distill_student
+
+        return distill_student(
+            run.shards,
+            run.student,
+            recipe.distill,
+            domain=domain,
+            seed=recipe.seed,
+            device=recipe.device,
+            checkpoint_dir=run.checkpoints,
+            cache_dir=run.teacher_cache,
+        )
+
+    def evaluate():
+        from synthdistill.evaluate import evaluate as evaluate_student
+
+        return evaluate_student(
+            recipe.evaluate, run.eval, student_dir=run.student, domain=domain, device=recipe.device
+        )
+
+    def export():
+        from synthdistill.export import export_student
+
+        results = run.eval / "results.json"
+        return export_student(
+            run.student,
+            domain,
+            run.export,
+            recipe.export,
+            eval_results=results if results.is_file() else None,
+        )
+
+    return {
+        "prompts": prompts,
+        "generate": generate,
+        "distill": distill,
+        "evaluate": evaluate,
+        "export": export,
+    }
+
+
+def _describe(stage: str, recipe: RecipeConfig, domain: Domain, run: RunDir) -> str:
+    per_class = recipe.prompts.per_class or domain.images_per_class
+    total = per_class * domain.num_classes
+    eval_target = ", ".join(recipe.evaluate.datasets) or recipe.evaluate.image_folder or domain.name
+    return {
+        "prompts": f"{total:,} {recipe.prompts.generator} prompts for {domain.num_classes} classes "
+        f"-> {run.prompts}",
+        "generate": f"{total:,} images with {recipe.generate.model} ({recipe.generate.steps} steps) "
+        f"-> {run.shards}",
+        "distill": f"{recipe.distill.teacher} -> {recipe.distill.student}, loss {recipe.distill.loss}, "
+        f"{recipe.distill.epochs} epochs -> {run.student}",
+        "evaluate": f"zero-shot on {eval_target} -> {run.eval}",
+        "export": f"{', '.join(recipe.export.formats)} -> {run.export}",
+    }[stage]
+
+
+def _stage_range(start_from: str | None, until: str | None) -> list[str]:
+    for name in (start_from, until):
+        if name is not None and name not in STAGES:
+            raise SynthdistillError(f"Unknown stage '{name}'; stages are {', '.join(STAGES)}.")
+    first = STAGES.index(start_from) if start_from else 0
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    if first > last:
+        raise SynthdistillError(f"--from {start_from} comes after --until {until}.")
+    return list(STAGES[first : last + 1])
+
+
+def run_pipeline(
+    recipe: RecipeConfig,
+    *,
+    until: str | None = None,
+    start_from: str | None = None,
+    force: bool = False,
+    report: bool = True,
+    echo: Callable[[str], None] = print,
+    env: DistEnv | None = None,
+) -> RunResult:
+    """Run the recipe's stages in order in ``recipe.run_path``.
+
+    ``start_from`` redoes that stage and all after it (their outputs are cleared); ``until``
+    stops after a stage; ``force`` redoes every selected stage even if its config changed.
+    """
+    env = env or dist_env()
+    domain = resolve_domain(recipe.dataset, recipe.classes_file, recipe.superclass)
+    run = RunDir(recipe.run_path)
+    selected = _stage_range(start_from, until)
+    hashes = stage_hashes(recipe, domain)
+    if env.is_distributed:
+        init_distributed(env, resolve_device(recipe.device, env))
+    if env.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.write_config(dump_recipe(recipe))
+    runners = _stage_runners(recipe, domain, run)
+    result = RunResult(run_dir=run.root)
+    for stage in STAGES:
+        if stage not in selected:
+            result.stages[stage] = "not run"
+            continue
+        redo = force or stage == start_from
+        if env.is_main:
+            done = run.begin_stage(stage, hashes[stage], force=redo)
+        barrier(env)
+        if not env.is_main:  # rank 0 has decided and recorded it
+            done = run.stage_record(stage)["status"] == "done"
+        if done:
+            echo(f"[{stage}] already done under this config, skipped")
+            result.stages[stage] = "skipped"
+            continue
+        echo(f"[{stage}] {_describe(stage, recipe, domain, run)}")
+        started = time.time()
+        summary = None
+        if env.is_main or stage in PARALLEL_STAGES:
+            summary = runners[stage]()
+        barrier(env)
+        if env.is_main:
+            record = {**_as_dict(summary), "seconds": round(time.time() - started, 2)}
+            run.finish_stage(stage, hashes[stage], record)
+        result.stages[stage] = "done"
+    if report and env.is_main:
+        from synthdistill.report import write_report
+
+        result.report = write_report(run.root)
+        echo(f"report: {result.report} (and {result.report.with_suffix('.html')})")
+    return result
