@@ -30,3 +30,98 @@ def random_image(seed: int, size: int = 64) -> Image.Image:
 @pytest.fixture
 def make_image():
     return random_image
+
+
+TINY_EXPORT_CLASSES = ["cat", "dog", "bird", "fish", "car"]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """A saved tiny student (teacher 'tiny') and its export in every format, latency with 1 repeat.
+
+    Returns a namespace: student_dir, domain, out_dir, summary, eval_results.
+    """
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from synthdistill.config import ExportConfig
+    from synthdistill.export import export_student
+    from synthdistill.registry import domain_from_classes
+    from synthdistill.student import create_student, save_student
+    from synthdistill.teacher import load_teacher
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    teacher = load_teacher("tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        student = create_student(
+            "tiny", teacher.embed_dim, preprocessing=teacher.preprocessing, teacher="tiny"
+        )
+    student_dir = save_student(student, root / "student")
+    domain = domain_from_classes(TINY_EXPORT_CLASSES, superclass="thing", name="things")
+    eval_results = root / "results.json"
+    entry = {"dataset": "things", "n_images": 64, "headline_metric": "top1", "templates": ["a {c}."]}
+    eval_results.write_text(  # the shape of evaluate's results.json
+        json.dumps(
+            {
+                "teacher": "tiny",
+                "student": "test_efficientnet",
+                "entries": [
+                    {**entry, "model": "student", "top1": 0.8125, "top5": 0.96875, "headline": 0.8125},
+                    {**entry, "model": "teacher", "top1": 0.90625, "top5": 1.0, "headline": 0.90625},
+                ],
+            }
+        )
+    )
+    config = ExportConfig(formats=["onnx", "torchscript", "open_clip"], bench_repeats=1)
+    out_dir = root / "export"
+    summary = export_student(student_dir, domain, out_dir, config, eval_results=eval_results)
+    return SimpleNamespace(
+        student_dir=student_dir, domain=domain, out_dir=out_dir, summary=summary, eval_results=eval_results
+    )
+
+
+def blob_image(seed: int, size: int = 64) -> Image.Image:
+    """One random ellipse or rectangle of random colour on a random background: varied, yet simple
+    enough that a tiny student can learn a tiny teacher's embedding of it."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 256, 3)))
+    x, y = (int(v) for v in rng.integers(0, size * 3 // 4, 2))
+    side = int(rng.integers(size // 5, size * 5 // 8))
+    shape = ImageDraw.Draw(image).ellipse if rng.random() < 0.5 else ImageDraw.Draw(image).rectangle
+    shape([x, y, x + side, y + side], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return image
+
+
+def write_blob_shards(
+    directory, count: int, *, first_seed: int = 0, classes=("a", "b", "c"), shard_size: int = 64
+):
+    """``count`` blob images in shards + index.json, with generate's metadata (class index, name, prompt)."""
+    from synthdistill.shards import ShardWriter, encode_sample, shard_name, write_index
+
+    for number, start in enumerate(range(0, count, shard_size)):
+        with ShardWriter(directory / shard_name(number)) as writer:
+            for i in range(start, min(start + shard_size, count)):
+                label = i % len(classes)
+                meta = {
+                    "class_index": label,
+                    "class_name": classes[label],
+                    "prompt": f"a photo of a {classes[label]}",
+                }
+                writer.write(f"{i:08d}", encode_sample(blob_image(first_seed + i), meta))
+    write_index(directory, {"source": "test"})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def write_shards():
+    return write_blob_shards
+
+
+@pytest.fixture(scope="session")
+def make_blob():
+    return blob_image

@@ -49,6 +49,7 @@ class PromptsConfig:
     llm_batch_size: int = option(8, "Conversations generated at once by the LLM.")
     llm_max_new_tokens: int = option(256, "Longest LLM answer, in tokens.")
     options_per_dimension: int = option(10, "Options the LLM is asked for per contextual dimension.")
+    llm_temperature: float = option(0.0, "0: greedy LLM decoding; above 0: seeded sampling (retries sample).")
     max_prompt_tokens: int = option(77, "Prompts longer than this (text-encoder tokens) are shortened.")
 
 
@@ -105,6 +106,12 @@ class DistillConfig:
     checkpoint_every: int = option(500, "Steps between checkpoints.")
     log_every: int = option(10, "Steps between log lines.")
     image_size: int | None = option(None, "Student input size; default: the timm model's.")
+    train_data: str | None = option(
+        None, "Train on other data than the run's shards: WebDataset URLs, a shard folder or imagenet:DIR."
+    )
+    train_num_samples: int | None = option(None, "Samples per epoch of train_data (all ranks together).")
+    resampled: bool = option(False, "train_data: draw shards with replacement (epoch = train_num_samples).")
+    shuffle_buffer: int = option(5000, "train_data: samples in each data-loader worker's shuffle buffer.")
 
 
 @dataclass
@@ -120,6 +127,7 @@ class EvaluateConfig:
     precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")
     with_teacher: bool = option(True, "Also evaluate the teacher on the same images.")
     max_images: int | None = option(None, "Evaluate at most this many images per dataset (quick checks).")
+    head_cache: str | None = option(None, "Folder caching zero-shot heads; default <out>/zero_shot_heads.")
 
 
 @dataclass
@@ -127,9 +135,10 @@ class ExportConfig:
     """Stage 5: the student plus its zero-shot head as one deployable model."""
 
     formats: list[str] = option(["onnx"], "Any of onnx, torchscript, open_clip.")
-    opset: int = option(17, "ONNX opset (>= 17).")
+    opset: int = option(18, "ONNX opset (>= 18, what torch's ONNX exporter writes).")
     atol: float = option(1e-4, "Largest allowed difference between exported and PyTorch outputs.")
     bench: bool = option(True, "Measure CPU latency of student and teacher for the model card.")
+    bench_repeats: int = option(5, "Timed runs per latency measurement (the median is reported).")
 
 
 @dataclass

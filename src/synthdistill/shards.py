@@ -157,6 +157,7 @@ class ShardSamples(Sequence):
 
     def __init__(self, shards: Sequence[str | Path]):
         self._files: dict[int, object] = {}
+        self._pid = os.getpid()
         self.shards = [Path(s) for s in shards]
         if not self.shards:
             raise SynthdistillError("No shards given: generate images first (`synthdistill generate`).")
@@ -189,6 +190,8 @@ class ShardSamples(Sequence):
         return len(self._locations)
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # a forked data-loader worker must not share the parent's file offsets
+            self._files, self._pid = {}, os.getpid()
         handle = self._files.get(shard)
         if handle is None:
             handle = self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 (kept open)

@@ -13,7 +13,18 @@ import sys
 
 from synthdistill.errors import SynthdistillError
 
-COMMANDS = ("datasets", "config")
+COMMANDS = (
+    "datasets",
+    "config",
+    "run",
+    "report",
+    "generate",
+    "prompts",
+    "distill",
+    "evaluate",
+    "export",
+    "predict",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,57 @@
+"""``synthdistill predict``: top-k classes of image files with an exported ONNX model or a student folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from synthdistill.cli.common import add_domain_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="Classify images with an exported ONNX model or a student folder.",
+        description=(
+            "Print the top-k classes with probabilities for each image (files, folders searched "
+            "recursively, glob patterns). Unreadable files are reported on stderr and skipped."
+        ),
+    )
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", metavar="FILE", help="An exported model.onnx (runs on onnxruntime).")
+    model.add_argument(
+        "--student", metavar="DIR", help="A student folder (runs on PyTorch; needs --dataset or --classes)."
+    )
+    parser.add_argument("images", nargs="+", help="Image files, folders or glob patterns ('photos/*.jpg').")
+    parser.add_argument("--top-k", type=int, default=5, help="Classes shown per image (default 5).")
+    parser.add_argument("--batch-size", type=int, default=32, help="Images per forward pass (default 32).")
+    parser.add_argument("--json", action="store_true", help="Print one JSON list instead of text.")
+    add_domain_arguments(parser)
+    parser.set_defaults(func=predict_command)
+
+
+def predict_command(args: argparse.Namespace) -> None:
+    import json
+    import sys
+    from pathlib import Path
+
+    from synthdistill.predict import predict
+    from synthdistill.registry import resolve_domain
+
+    domain = None
+    if args.dataset or args.classes:
+        domain = resolve_domain(args.dataset, args.classes, args.superclass)
+    predictions = predict(
+        Path(args.model or args.student),
+        args.images,
+        domain=domain,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        on_skip=lambda path, reason: print(f"skipped '{path}': it {reason}", file=sys.stderr),
+    )
+    if args.json:
+        print(json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False))
+        return
+    for prediction in predictions:
+        print(prediction.path)
+        for name, probability in zip(prediction.classes, prediction.probabilities, strict=True):
+            print(f"  {probability:7.2%}  {name}")

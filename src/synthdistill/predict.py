@@ -1,0 +1,384 @@
+"""Stage 5, predict: classify image files with an exported ONNX model or a student folder.
+
+The ONNX path needs onnxruntime, Pillow and numpy only (no PyTorch at inference), so the same code
+shows how to deploy the exported model. Images are prepared exactly as the student saw them in
+evaluation (resize, centre crop, RGB in [0, 1]); normalisation happens inside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from synthdistill.errors import SynthdistillError
+from synthdistill.registry import Domain
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT_VERSION = 1
+LABELS_NAME = "labels.json"
+ONNX_NAME = "model.onnx"
+LOGIT_SCALE = 100.0
+_INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def synthdistill_version() -> str:
+    try:
+        return metadata.version("synthdistill")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def require_export_extra():
+    """Import (onnx, onnxruntime), or say how to install them."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise SynthdistillError(
+            'ONNX export and prediction need onnx and onnxruntime; run `pip install "synthdistill[export]"`.'
+        ) from None
+    return onnx, onnxruntime
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an exported model tells its reader: stored in the ONNX metadata and in labels.json."""
+
+    classnames: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    domain: str = ""
+    teacher: str = ""
+    student: str = ""
+    embed_dim: int = 0
+    synthdistill_version: str = dataclasses.field(default_factory=synthdistill_version)
+    format_version: int = EXPORT_FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "synthdistill_format_version": self.format_version,
+            "synthdistill_version": self.synthdistill_version,
+            "domain": self.domain,
+            "classnames": list(self.classnames),
+            "preprocessing": {
+                "image_size": self.image_size,
+                "resize_mode": self.resize_mode,
+                "interpolation": self.interpolation,
+                "mean": list(self.mean),
+                "std": list(self.std),
+            },
+            "input": "images: float32 (N, 3, H, W), RGB in [0, 1]; the model normalises with mean/std",
+            "outputs": {
+                "logits": f"(N, C) float32, {LOGIT_SCALE:g} * cosine similarity to each class",
+                "embedding": "(N, D) float32, L2-normalised image embedding in the teacher's space",
+            },
+            "teacher": self.teacher,
+            "student": self.student,
+            "embed_dim": self.embed_dim,
+        }
+
+    def to_metadata(self) -> dict[str, str]:
+        """ONNX metadata_props: one string per top-level key, JSON-encoded."""
+        return {key: json.dumps(value) for key, value in self.to_json().items()}
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> ModelInfo:
+        """Read and check the format version; refuse files of another synthdistill export format."""
+        version = data.get("synthdistill_format_version")
+        if version is None:
+            raise SynthdistillError(
+                f"'{source}' carries no synthdistill metadata; export the model with `synthdistill export`."
+            )
+        if int(version) != EXPORT_FORMAT_VERSION:
+            raise SynthdistillError(
+                f"'{source}' has export format version {version} (synthdistill "
+                f"{data.get('synthdistill_version', '?')}), but this synthdistill reads version "
+                f"{EXPORT_FORMAT_VERSION}; re-export it with this version."
+            )
+        pre = data["preprocessing"]
+        return cls(
+            classnames=tuple(data["classnames"]),
+            image_size=int(pre["image_size"]),
+            mean=tuple(pre["mean"]),
+            std=tuple(pre["std"]),
+            interpolation=pre.get("interpolation", "bicubic"),
+            resize_mode=pre.get("resize_mode", "shortest"),
+            domain=data.get("domain", ""),
+            teacher=data.get("teacher", ""),
+            student=data.get("student", ""),
+            embed_dim=int(data.get("embed_dim", 0)),
+            synthdistill_version=data.get("synthdistill_version", "unknown"),
+            format_version=int(version),
+        )
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str], source: str) -> ModelInfo:
+        try:
+            return cls.from_json({key: json.loads(value) for key, value in props.items()}, source)
+        except (ValueError, KeyError, TypeError):
+            raise SynthdistillError(
+                f"'{source}' has damaged synthdistill metadata; export the model again."
+            ) from None
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one image, most probable first (softmax over the model's logits)."""
+
+    path: str
+    classes: list[str]
+    probabilities: list[float]
+    indices: list[int]
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "top_k": [
+                {"class": name, "index": index, "probability": probability}
+                for name, index, probability in zip(
+                    self.classes, self.indices, self.probabilities, strict=True
+                )
+            ],
+        }
+
+
+def image_extensions() -> set[str]:
+    """File suffixes Pillow can open here (lower case, with the dot)."""
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def collect_images(items: list[str]) -> list[Path]:
+    """Files, folders (searched recursively for image suffixes) and globs -> files, in order, once each.
+
+    A named file is kept whatever its suffix (it is reported later if Pillow cannot read it).
+    """
+    extensions = image_extensions()
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions))
+        elif any(char in item for char in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise SynthdistillError(f"The pattern '{item}' matches no file.")
+            found.extend(collect_images([str(m) for m in matches]))
+        else:
+            raise SynthdistillError(f"'{item}' is not a file, a folder or a glob pattern that matches files.")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise SynthdistillError(f"No image files found in {', '.join(repr(i) for i in items)}.")
+    return unique
+
+
+def load_image(path: str | Path, info: ModelInfo) -> np.ndarray:
+    """An image file -> (3, S, S) float32 RGB in [0, 1], resized and cropped as open_clip's eval transform.
+
+    'shortest': shortest side to S then centre crop; 'longest': longest side to S then centre pad
+    (black); 'squash': straight to S x S. Raises OSError / UnidentifiedImageError for unreadable files.
+    """
+    size = info.image_size
+    resample = _INTERPOLATIONS.get(info.interpolation, Image.Resampling.BICUBIC)
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    width, height = image.size
+    if info.resize_mode == "squash":
+        image = image.resize((size, size), resample)
+    else:
+        if info.resize_mode == "longest":
+            scale = size / max(width, height)
+            new = (max(1, round(width * scale)), max(1, round(height * scale)))
+        elif width <= height:  # torchvision's Resize(int): short side to size, long side truncated
+            new = (size, int(size * height / width))
+        else:
+            new = (int(size * width / height), size)
+        if new != image.size:
+            image = image.resize(new, resample)
+        image = _center_crop_or_pad(image, size)
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def _center_crop_or_pad(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    if width < size or height < size:
+        canvas = Image.new("RGB", (max(width, size), max(height, size)))
+        canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))
+        image, (width, height) = canvas, canvas.size
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def _info_from_props(props: dict[str, str], model_path: Path) -> ModelInfo:
+    """The ModelInfo of an ONNX file: its metadata, else labels.json beside it."""
+    if "synthdistill_format_version" in props:
+        return ModelInfo.from_metadata(props, str(model_path))
+    labels = model_path.parent / LABELS_NAME
+    if labels.is_file():
+        return ModelInfo.from_json(json.loads(labels.read_text(encoding="utf-8")), str(labels))
+    return ModelInfo.from_json({}, str(model_path))
+
+
+def _onnx_runner(model_path: Path) -> tuple[ModelInfo, Callable[[np.ndarray], np.ndarray]]:
+    _, ort = require_export_extra()
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    try:
+        session = ort.InferenceSession(str(model_path), providers=providers)
+    except Exception as e:  # onnxruntime's errors (InvalidProtobuf, ...) derive from Exception only
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SynthdistillError(
+            f"'{model_path}' is not an ONNX model onnxruntime can load: {reason}"
+        ) from None
+    info = _info_from_props(session.get_modelmeta().custom_metadata_map, model_path)
+    input_name = session.get_inputs()[0].name
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return session.run(["logits"], {input_name: images})[0]
+
+    return info, run
+
+
+def _student_runner(
+    student_dir: Path, domain: Domain | None
+) -> tuple[ModelInfo, Callable[[np.ndarray], np.ndarray]]:
+    import torch
+
+    from synthdistill.export import build_classifier
+
+    if domain is None:
+        raise SynthdistillError(
+            f"Predicting with the student folder '{student_dir}' needs the classes: "
+            "pass --dataset or --classes."
+        )
+    classifier, _, info = build_classifier(student_dir, domain)
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return classifier(torch.from_numpy(images))[0].numpy()
+
+    return info, run
+
+
+def _batches(
+    paths: list[Path], info: ModelInfo, batch_size: int, skipped: list[tuple[Path, str]]
+) -> Iterator[tuple[list[Path], np.ndarray, int]]:
+    """(names, (B, 3, S, S) images, files consumed); unreadable files go to ``skipped`` with the reason."""
+    names: list[Path] = []
+    arrays: list[np.ndarray] = []
+    consumed = 0
+    for path in paths:
+        consumed += 1
+        try:
+            arrays.append(load_image(path, info))
+            names.append(path)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            reason = (
+                "is not an image Pillow can read"
+                if isinstance(e, UnidentifiedImageError)
+                else f"could not be decoded ({e})"
+            )
+            skipped.append((path, reason))
+        if len(arrays) == batch_size:
+            yield names, np.stack(arrays), consumed
+            names, arrays, consumed = [], [], 0
+    if arrays:
+        yield names, np.stack(arrays), consumed
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def predict(
+    model_path: Path,
+    images: list[str],
+    *,
+    domain: Domain | None = None,
+    top_k: int = 5,
+    batch_size: int = 32,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> list[Prediction]:
+    """Classify images (files, folders, globs) with an exported ``.onnx`` file (or the export folder
+    holding ``model.onnx``) or a student folder.
+
+    ONNX: class names come from the model's metadata; ``domain`` may rename them (same count only).
+    Student folder: ``domain`` is required; its zero-shot head is built with the student's teacher.
+    Unreadable files are skipped and reported at the end, to ``on_skip(path, reason)`` or else as
+    warnings of the logger ``synthdistill.predict``; the rest are classified. Returns one
+    Prediction per readable image, in input order.
+    """
+    from tqdm import tqdm
+
+    model_path = Path(model_path)
+    if model_path.is_dir() and (model_path / ONNX_NAME).is_file():
+        model_path = model_path / ONNX_NAME  # an export folder
+    if top_k < 1 or batch_size < 1:
+        raise SynthdistillError("--top-k and --batch-size must be at least 1.")
+    if model_path.is_dir():
+        info, run = _student_runner(model_path, domain)
+    elif model_path.is_file() and model_path.suffix == ".onnx":
+        info, run = _onnx_runner(model_path)
+        if domain is not None:
+            if domain.num_classes != len(info.classnames):
+                raise SynthdistillError(
+                    f"The class list has {domain.num_classes} classes but '{model_path}' was exported "
+                    f"with {len(info.classnames)}; pass a list of the same classes, or none to use "
+                    "the model's."
+                )
+            info = dataclasses.replace(info, classnames=domain.classnames)
+    else:
+        raise SynthdistillError(
+            f"'{model_path}' is neither an exported .onnx file nor a student folder "
+            "(model.safetensors + config.json)."
+        )
+    paths = collect_images(images)
+    predictions: list[Prediction] = []
+    k = min(top_k, len(info.classnames))
+    skipped: list[tuple[Path, str]] = []
+    with tqdm(total=len(paths), unit="img", disable=None, desc="predict") as progress:
+        for names, batch, consumed in _batches(paths, info, batch_size, skipped):
+            probabilities = softmax(run(batch).astype(np.float64))
+            for name, row in zip(names, probabilities, strict=True):
+                order = np.argsort(-row, kind="stable")[:k]
+                predictions.append(
+                    Prediction(
+                        path=str(name),
+                        classes=[info.classnames[i] for i in order],
+                        probabilities=[float(row[i]) for i in order],
+                        indices=[int(i) for i in order],
+                    )
+                )
+            progress.update(consumed)
+    if not predictions:
+        path, reason = skipped[0]
+        if len(paths) == 1:
+            raise SynthdistillError(f"'{path}' {reason}.")
+        raise SynthdistillError(f"None of the {len(paths)} files could be read (first: '{path}' {reason}).")
+    for path, reason in skipped:
+        if on_skip is None:
+            log.warning("skipped '%s': it %s", path, reason)
+        else:
+            on_skip(path, reason)
+    return predictions
