@@ -103,6 +103,7 @@ class DistillConfig:
     aug_scale_min: float = option(0.9, "Smallest RandomResizedCrop area (CLIP training uses 0.9).")
     cache_teacher: bool = option(True, "Embed fixed augmented views once with the teacher and replay them.")
     cache_views: int = option(8, "Augmented views per image in the teacher cache.")
+    cache_dtype: str = option("fp16", "Storage of cached teacher features: fp16 (half the disk) or fp32 (exact).")
     checkpoint_every: int = option(500, "Steps between checkpoints.")
     log_every: int = option(10, "Steps between log lines.")
     image_size: int | None = option(None, "Student input size; default: the timm model's.")
@@ -328,6 +329,7 @@ def validate(recipe: RecipeConfig) -> None:
         "distill.head": (recipe.distill.head, ("linear", "mlp")),
         "distill.fd_variant": (recipe.distill.fd_variant, ("l2", "cosine", "mse")),
         "distill.schedule": (recipe.distill.schedule, ("constant", "cosine")),
+        "distill.cache_dtype": (recipe.distill.cache_dtype, ("fp16", "fp32")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
