@@ -13,17 +13,17 @@ import sys
 
 from synthdistill.errors import SynthdistillError
 
-COMMANDS = (
+COMMANDS = (  # in pipeline order, as `synthdistill --help` lists them
     "datasets",
     "config",
-    "run",
-    "report",
-    "generate",
     "prompts",
+    "generate",
     "distill",
     "evaluate",
     "export",
     "predict",
+    "run",
+    "report",
 )
 
 

@@ -1,0 +1,91 @@
+"""``synthdistill distill``: stage 3, the teacher's image encoder into a student (also under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from synthdistill.cli.common import add_domain_arguments, add_recipe_arguments, domain_of, recipe_from_args
+
+# flag -> recipe key
+FLAGS = {
+    "teacher": "distill.teacher",
+    "teacher_pretrained": "distill.teacher_pretrained",
+    "student": "distill.student",
+    "loss": "distill.loss",
+    "epochs": "distill.epochs",
+    "batch_size": "distill.batch_size",
+    "lr": "distill.lr",
+    "workers": "distill.workers",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="Train a student to reproduce the teacher's image embeddings on the synthetic shards.",
+        description="Distil a CLIP teacher's image encoder into a timm student. Resumes from the newest "
+        "checkpoint of the same settings; run under `torchrun --nproc_per_node N -m synthdistill distill` "
+        "to use N GPUs. Defaults come from the recipe and its run directory (runs/<name>).",
+    )
+    paths = parser.add_argument_group("paths")
+    paths.add_argument(
+        "--shards", type=Path, metavar="DIR", help="Folder of shard-*.tar files (default: <run>/shards)."
+    )
+    paths.add_argument(
+        "--out", type=Path, metavar="DIR", help="Student folder to write (default: <run>/student)."
+    )
+    paths.add_argument(
+        "--checkpoints", type=Path, metavar="DIR", help="Checkpoint folder (default: <out>/../checkpoints)."
+    )
+    paths.add_argument(
+        "--cache", type=Path, metavar="DIR", help="Teacher-cache folder (default: <shards>/../teacher_cache)."
+    )
+    training = parser.add_argument_group("training (recipe keys distill.*)")
+    training.add_argument("--teacher", help="open_clip model name, local checkpoint, or 'tiny'.")
+    training.add_argument(
+        "--teacher-pretrained",
+        help="open_clip pretrained tag or local file (none: --set distill.teacher_pretrained=null).",
+    )
+    training.add_argument("--student", help="timm model name, or 'tiny'.")
+    training.add_argument("--loss", help="fd, vl, mpc, or a weighted sum such as 'fd:1,vl:0.5'.")
+    training.add_argument("--epochs", type=int, help="Passes over the images.")
+    training.add_argument("--batch-size", type=int, help="Global batch size (split across processes).")
+    training.add_argument("--lr", type=float, help="AdamW learning rate.")
+    training.add_argument("--workers", type=int, help="Data-loader worker processes per process.")
+    training.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Continue from the newest checkpoint of the same settings (default); --no-resume starts over.",
+    )
+    add_recipe_arguments(parser)
+    add_domain_arguments(parser)
+    parser.set_defaults(func=distill_command)
+
+
+def distill_command(args: argparse.Namespace) -> None:
+    from synthdistill.distill import distill
+    from synthdistill.rundir import RunDir
+    from synthdistill.runtime import dist_env
+
+    recipe = recipe_from_args(args, FLAGS)
+    run = RunDir(recipe.run_path)
+    summary = distill(
+        args.shards or run.shards,
+        args.out or run.student,
+        recipe.distill,
+        domain=domain_of(recipe),
+        seed=recipe.seed,
+        device=recipe.device,
+        checkpoint_dir=args.checkpoints,
+        cache_dir=args.cache,
+        resume=args.resume,
+    )
+    if dist_env().is_main:
+        details = [f"{summary.steps} steps"]
+        if summary.final_loss is not None:
+            details += [f"loss {summary.final_loss:.4f}", f"cosine to teacher {summary.final_cosine:.4f}"]
+        if summary.corrupt_keys:
+            details.append(f"{len(summary.corrupt_keys)} corrupt images skipped (see train_log.jsonl)")
+        print(f"student: {summary.student_dir} ({', '.join(details)})")
