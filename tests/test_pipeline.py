@@ -1,6 +1,7 @@
 """The whole pipeline from the smoke recipe: end to end, rerun, and runs killed mid-stage."""
 
 import functools
+import json
 import shutil
 from pathlib import Path
 
@@ -35,10 +36,13 @@ def test_smoke_run_end_to_end_then_rerun_is_instant(tmp_path):
     assert set(result.stages.values()) == {"done"}
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file()
-    assert len((run / "prompts.jsonl").read_text().splitlines()) == 5 * 8
-    assert sum(1 for _ in list_shards(run / "shards")) == 40 // 16 + 1
+    assert len((run / "prompts.jsonl").read_text().splitlines()) == 5 * 16
+    assert len(list_shards(run / "shards")) == 80 // 16
     assert (run / "student" / "model.safetensors").is_file()
-    assert (run / "eval" / "results.json").is_file()
+    results = json.loads((run / "eval" / "results.json").read_text())
+    student = next(e for e in results["entries"] if e["model"] == "student")
+    assert student["n_images"] == 5 * 16 and "synthetic" in student["dataset"]
+    assert 0.0 <= student["agreement_with_teacher"] <= 1.0
     assert (run / "export" / "model.onnx").is_file()
     report = (run / "report.md").read_text()
     for section in (
@@ -102,8 +106,6 @@ def test_run_killed_during_distill_resumes_to_the_same_student(tmp_path, monkeyp
         ignore=shutil.ignore_patterns("student", "checkpoints", "teacher_cache"),
     )
     manifest = tmp_path / "killed" / "manifest.json"
-    import json
-
     data = json.loads(manifest.read_text())
     data["stages"].pop("distill")
     manifest.write_text(json.dumps(data))

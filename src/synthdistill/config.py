@@ -103,7 +103,9 @@ class DistillConfig:
     aug_scale_min: float = option(0.9, "Smallest RandomResizedCrop area (CLIP training uses 0.9).")
     cache_teacher: bool = option(True, "Embed fixed augmented views once with the teacher and replay them.")
     cache_views: int = option(8, "Augmented views per image in the teacher cache.")
-    cache_dtype: str = option("fp16", "Storage of cached teacher features: fp16 (half the disk) or fp32 (exact).")
+    cache_dtype: str = option(
+        "fp16", "Storage of cached teacher features: fp16 (half the disk) or fp32 (exact)."
+    )
     checkpoint_every: int = option(500, "Steps between checkpoints.")
     log_every: int = option(10, "Steps between log lines.")
     image_size: int | None = option(None, "Student input size; default: the timm model's.")
@@ -315,6 +317,8 @@ def load_recipe(
         beside = path.parent / str(data.get("classes_file", ""))
         if data.get("classes_file") and not Path(data["classes_file"]).is_absolute() and beside.is_file():
             recipe.classes_file = str(beside)  # a class file named by a recipe lives beside it
+        if data.get("classes_file") and "dataset" not in data:
+            recipe.dataset = None  # a recipe's own classes replace the default registry dataset
         named = named or "name" in data or "run_dir" in data
     if paths and not named:
         recipe.name = "-".join(Path(p).stem for p in paths)

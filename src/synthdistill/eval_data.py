@@ -415,7 +415,9 @@ def synthetic_test_set(shards_dir: str | Path, domain: Domain | None) -> TestSet
     on synthetic images, which is what a run without real test data (the smoke recipe) can report.
     """
     if domain is None:
-        raise SynthdistillError(f"Evaluating the synthetic shards in '{shards_dir}' needs --classes or --dataset.")
+        raise SynthdistillError(
+            f"Evaluating the synthetic shards in '{shards_dir}' needs their classes: --classes or --dataset."
+        )
     samples = ShardSamples(list_shards(shards_dir))
     return TestSet(
         name=f"{domain.name} (synthetic)",

@@ -92,8 +92,12 @@ def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[st
     def evaluate():
         from synthdistill.evaluate import evaluate as evaluate_student
 
+        config = recipe.evaluate
+        if not config.datasets and not config.image_folder and domain.eval is None:
+            # no real test set for a user's own classes: report agreement on the synthetic images
+            config = dataclasses.replace(config, image_folder=str(run.shards))
         return evaluate_student(
-            recipe.evaluate, run.eval, student_dir=run.student, domain=domain, device=recipe.device
+            config, run.eval, student_dir=run.student, domain=domain, device=recipe.device
         )
 
     def export():

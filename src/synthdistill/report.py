@@ -45,6 +45,7 @@ class Picture:
 @dataclass
 class Code:
     text: str
+    summary: str | None = None  # HTML: folded behind this summary line
 
 
 Block = Heading | Paragraph | Table | Picture | Code
@@ -199,8 +200,6 @@ def build_report(run_dir: str | Path) -> list[Block]:
         raise SynthdistillError(f"Run directory '{run.root}' does not exist.")
     assets = run.root / ASSETS
     blocks: list[Block] = [Heading(f"synthdistill run: {run.root.name}", 1)]
-    if run.config.is_file():
-        blocks += [Heading("Recipe"), Code(run.config.read_text(encoding="utf-8"))]
     blocks += _stage_section(run)
     blocks += _prompt_section(run)
     grid = _sample_grid(run, assets / "samples.png")
@@ -209,6 +208,8 @@ def build_report(run_dir: str | Path) -> list[Block]:
     blocks += _training_section(run, assets)
     blocks += _evaluation_section(run)
     blocks += _export_section(run)
+    if run.config.is_file():
+        blocks += [Heading("Recipe"), Code(run.config.read_text(encoding="utf-8"), summary="config.yaml")]
     return blocks
 
 
@@ -260,7 +261,12 @@ def render_html(blocks: list[Block]) -> str:
             data = base64.b64encode(block.path.read_bytes()).decode("ascii")
             parts.append(f'<img alt="{html.escape(block.alt)}" src="data:image/png;base64,{data}">')
         elif isinstance(block, Code):
-            parts.append(f"<pre>{html.escape(block.text)}</pre>")
+            pre = f"<pre>{html.escape(block.text)}</pre>"
+            parts.append(
+                f"<details><summary>{html.escape(block.summary)}</summary>{pre}</details>"
+                if block.summary
+                else pre
+            )
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"

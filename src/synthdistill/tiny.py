@@ -7,6 +7,8 @@ student. Weights are random but seeded, so every process that builds ``tiny`` ge
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -44,9 +46,21 @@ def create_tiny_clip():
     import open_clip
 
     name = register_tiny_clip_config()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_root_logger():
         torch.manual_seed(TINY_SEED)
         return open_clip.create_model_and_transforms(name, pretrained=None)
+
+
+@contextmanager
+def _quiet_root_logger():
+    """Silence open_clip's "no pretrained weights" warning: for ``tiny`` random weights are the point."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 TINY_SDXL = "tiny-sdxl"
