@@ -2,7 +2,10 @@
 
 import functools
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,21 @@ def test_run_killed_during_distill_resumes_to_the_same_student(tmp_path, monkeyp
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.allclose(expected[key], resumed[key], atol=1e-6), key
+
+
+def test_torchrun_pipeline_uses_every_rank_for_generate_and_distill(tmp_path):
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "synthdistill", "run", str(SMOKE), "--run-dir", str(run), "--until", "distill", "--no-report",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("[generate]") == 1  # rank 0 speaks for the run
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert stages["generate"]["summary"]["images_in_shards"] == 5 * 16
+    assert stages["generate"]["summary"]["images_written"] < 5 * 16  # rank 0 drew only its share
+    assert stages["distill"]["status"] == "done"
+    log = [json.loads(line) for line in (run / "student" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["world_size"] == 2

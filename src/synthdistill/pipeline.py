@@ -19,7 +19,8 @@ from synthdistill.config import STAGES, RecipeConfig, config_hash, dump_recipe
 from synthdistill.errors import SynthdistillError
 from synthdistill.registry import Domain, resolve_domain
 from synthdistill.rundir import RunDir
-from synthdistill.runtime import DistEnv, barrier, dist_env, init_distributed, resolve_device
+from synthdistill.runtime import DistEnv, barrier, dist_env, init_distributed, resolve_device, waiting_group
+from synthdistill.shards import read_index
 
 # Stages that use every rank under torchrun; the others run on rank 0 while the rest wait.
 PARALLEL_STAGES = ("generate", "distill")
@@ -148,6 +149,10 @@ def _stage_range(start_from: str | None, until: str | None) -> list[str]:
     return list(STAGES[first : last + 1])
 
 
+def _silent(_: str) -> None:
+    pass
+
+
 def run_pipeline(
     recipe: RecipeConfig,
     *,
@@ -164,12 +169,15 @@ def run_pipeline(
     stops after a stage; ``force`` redoes every selected stage even if its config changed.
     """
     env = env or dist_env()
+    if not env.is_main:
+        echo = _silent
     domain = resolve_domain(recipe.dataset, recipe.classes_file, recipe.superclass)
     run = RunDir(recipe.run_path)
     selected = _stage_range(start_from, until)
     hashes = stage_hashes(recipe, domain)
     if env.is_distributed:
         init_distributed(env, resolve_device(recipe.device, env))
+    group = waiting_group(env)
     if env.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         run.write_config(dump_recipe(recipe))
@@ -182,7 +190,7 @@ def run_pipeline(
         redo = force or stage == start_from
         if env.is_main:
             done = run.begin_stage(stage, hashes[stage], force=redo)
-        barrier(env)
+        barrier(env, group)
         if not env.is_main:  # rank 0 has decided and recorded it
             done = run.stage_record(stage)["status"] == "done"
         if done:
@@ -194,9 +202,11 @@ def run_pipeline(
         summary = None
         if env.is_main or stage in PARALLEL_STAGES:
             summary = runners[stage]()
-        barrier(env)
+        barrier(env, group)
         if env.is_main:
             record = {**_as_dict(summary), "seconds": round(time.time() - started, 2)}
+            if stage == "generate":  # every rank's images, not only rank 0's share
+                record["images_in_shards"] = (read_index(run.shards) or {}).get("total")
             run.finish_stage(stage, hashes[stage], record)
         result.stages[stage] = "done"
     if report and env.is_main:

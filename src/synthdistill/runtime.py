@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import os
 import random
@@ -44,13 +45,23 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
     """Join the process group once (NCCL on CUDA, gloo on CPU); a no-op for a single process."""
     if not env.is_distributed or torch.distributed.is_initialized():
         return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend=backend)
 
 
-def barrier(env: DistEnv) -> None:
+def waiting_group(env: DistEnv, hours: float = 48.0):
+    """A gloo group whose barriers may wait for hours: while rank 0 runs a light but long stage
+    (an LLM writing prompts), the other ranks wait here without tripping the NCCL watchdog."""
+    if not (env.is_distributed and torch.distributed.is_initialized()):
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=hours))
+
+
+def barrier(env: DistEnv, group=None) -> None:
     if env.is_distributed and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
 
 
 def resolve_device(name: str = "auto", env: DistEnv | None = None) -> torch.device:

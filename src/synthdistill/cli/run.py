@@ -42,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> None:
     from synthdistill.config import apply_overrides, load_recipe
     from synthdistill.pipeline import run_pipeline
+    from synthdistill.runtime import dist_env
 
     explicit = {
         k: v
@@ -52,4 +53,5 @@ def run_command(args: argparse.Namespace) -> None:
     result = run_pipeline(
         recipe, until=args.until, start_from=args.start_from, force=args.force, report=args.report
     )
-    print(f"run finished: {result.run_dir}")
+    if dist_env().is_main:
+        print(f"run finished: {result.run_dir}")
