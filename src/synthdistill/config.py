@@ -101,7 +101,9 @@ class DistillConfig:
     compile: bool = option(False, "torch.compile the student.")
     workers: int = option(4, "Data-loader worker processes per rank.")
     aug_scale_min: float = option(0.9, "Smallest RandomResizedCrop area (CLIP training uses 0.9).")
-    cache_teacher: bool = option(True, "Embed fixed augmented views once with the teacher and replay them.")
+    cache_teacher: bool = option(
+        True, "Embed fixed augmented views once with the teacher and replay them (not for train_data)."
+    )
     cache_views: int = option(8, "Augmented views per image in the teacher cache.")
     cache_dtype: str = option(
         "fp16", "Storage of cached teacher features: fp16 (half the disk) or fp32 (exact)."

@@ -7,7 +7,9 @@ Every term takes the same inputs:
 - ``labels``: (B,) class indices of the images;
 - ``class_text``: (C, D) L2-normalised teacher text embeddings of the class prompts (or None).
 
-Terms that need ``labels`` and ``class_text`` say so with ``needs_text``.
+Terms that need ``labels`` and ``class_text`` say so with ``needs_text``. With captioned data the
+batch's distinct captions take the place of the classes (``class_text`` their (C, D) embeddings,
+``labels`` each image's caption), so identical captions are positives of each other in mpc.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from synthdistill.cli.common import add_domain_arguments, add_recipe_arguments, domain_of, recipe_from_args
+from synthdistill.errors import SynthdistillError
 
 # flag -> recipe key
 FLAGS = {
@@ -17,6 +18,8 @@ FLAGS = {
     "batch_size": "distill.batch_size",
     "lr": "distill.lr",
     "workers": "distill.workers",
+    "train_data": "distill.train_data",
+    "train_num_samples": "distill.train_num_samples",
 }
 
 
@@ -24,13 +27,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "distill",
         help="Train a student to reproduce the teacher's image embeddings on the synthetic shards.",
-        description="Distil a CLIP teacher's image encoder into a timm student. Resumes from the newest "
-        "checkpoint of the same settings; run under `torchrun --nproc_per_node N -m synthdistill distill` "
-        "to use N GPUs. Defaults come from the recipe and its run directory (runs/<name>).",
+        description="Distil a CLIP teacher's image encoder into a timm student, on the run's synthetic "
+        "shards or on streamed data (--train-data). Resumes from the newest checkpoint of the same "
+        "settings; run under `torchrun --nproc_per_node N -m synthdistill distill` to use N GPUs (or "
+        "--nnodes M for several machines). Defaults come from the recipe and its run directory "
+        "(runs/<name>).",
     )
     paths = parser.add_argument_group("paths")
     paths.add_argument(
-        "--shards", type=Path, metavar="DIR", help="Folder of shard-*.tar files (default: <run>/shards)."
+        "--shards",
+        type=Path,
+        metavar="DIR",
+        help="Folder of shard-*.tar files (default: <run>/shards; not used with --train-data).",
+    )
+    paths.add_argument(
+        "--train-data",
+        metavar="SPEC",
+        help="Train on other data than the run's shards: WebDataset shards as brace-expanded paths or "
+        "URLs ('/data/datacomp/{00000000..00012895}.tar', pipe: commands, s3://...), a folder of .tar "
+        "shards, or an ImageFolder tree as imagenet:DIR.",
+    )
+    paths.add_argument(
+        "--train-num-samples",
+        type=int,
+        metavar="N",
+        help="Samples per epoch of --train-data, all ranks together (sets the number of steps).",
     )
     paths.add_argument(
         "--out", type=Path, metavar="DIR", help="Student folder to write (default: <run>/student)."
@@ -71,8 +92,13 @@ def distill_command(args: argparse.Namespace) -> None:
 
     recipe = recipe_from_args(args, FLAGS)
     run = RunDir(recipe.run_path)
+    if args.shards and recipe.distill.train_data:
+        raise SynthdistillError(
+            "Both --shards and distill.train_data name the training data; give one (with a recipe that "
+            "sets train_data, add --set distill.train_data=null to train on --shards)."
+        )
     summary = distill(
-        args.shards or run.shards,
+        None if recipe.distill.train_data else args.shards or run.shards,
         args.out or run.student,
         recipe.distill,
         domain=domain_of(recipe),
@@ -88,4 +114,9 @@ def distill_command(args: argparse.Namespace) -> None:
             details += [f"loss {summary.final_loss:.4f}", f"cosine to teacher {summary.final_cosine:.4f}"]
         if summary.corrupt_keys:
             details.append(f"{len(summary.corrupt_keys)} corrupt images skipped (see train_log.jsonl)")
+        if summary.corrupt_samples or summary.failed_shards:
+            details.append(
+                f"{summary.corrupt_samples} undecodable samples and {summary.failed_shards} unreadable "
+                "shards skipped over the epochs (see train_log.jsonl)"
+            )
         print(f"student: {summary.student_dir} ({', '.join(details)})")
