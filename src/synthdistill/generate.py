@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -180,7 +181,9 @@ def pipeline_dtype(precision: str, device: torch.device) -> torch.dtype:
 def _loading(key: str, name: str, local: str = "a local folder") -> Iterator[None]:
     """Turn a failed download or load into one sentence that names the option to change."""
     try:
-        yield
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub a retired argument
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            yield
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         raise SynthdistillError(
