@@ -149,3 +149,13 @@ def test_torchrun_pipeline_uses_every_rank_for_generate_and_distill(tmp_path):
     assert stages["distill"]["status"] == "done"
     log = [json.loads(line) for line in (run / "student" / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["world_size"] == 2
+
+
+def test_from_redoes_that_stage_and_every_later_one(tmp_path):
+    recipe = smoke_recipe(tmp_path / "run", "prompts.per_class=2")
+    run_pipeline(recipe, until="generate", report=False, echo=quiet)
+    again = run_pipeline(recipe, until="generate", report=False, echo=quiet)
+    assert again.stages == {"prompts": "skipped", "generate": "skipped", "distill": "not run",
+                            "evaluate": "not run", "export": "not run"}  # fmt: skip
+    redone = run_pipeline(recipe, start_from="prompts", until="generate", report=False, echo=quiet)
+    assert redone.stages["prompts"] == redone.stages["generate"] == "done"

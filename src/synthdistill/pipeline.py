@@ -187,7 +187,7 @@ def run_pipeline(
         if stage not in selected:
             result.stages[stage] = "not run"
             continue
-        redo = force or stage == start_from
+        redo = force or start_from is not None  # every selected stage comes at or after --from
         if env.is_main:
             done = run.begin_stage(stage, hashes[stage], force=redo)
         barrier(env, group)
