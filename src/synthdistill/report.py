@@ -76,7 +76,12 @@ def _stage_section(run: RunDir) -> list[Block]:
     for stage, record in stages.items():
         summary = record.get("summary", {})
         details = ", ".join(
-            f"{k}: {_fmt(v)}" for k, v in summary.items() if k != "seconds" and not isinstance(v, dict | list)
+            f"{k}: {_fmt(v)}"
+            for k, v in summary.items()
+            if v is not None
+            and k != "seconds"
+            and not k.endswith(("_dir", "path", "cache"))
+            and not isinstance(v, dict | list)
         )
         rows.append([stage, record.get("status", "?"), _fmt(summary.get("seconds", "")), details[:300]])
     if not rows:
@@ -190,7 +195,10 @@ def _export_section(run: RunDir) -> list[Block]:
         text = card.read_text(encoding="utf-8")
         latency = text[text.find("## Latency") :] if "## Latency" in text else ""
         if latency:
-            blocks.append(Paragraph(latency.split("\n## ")[0].replace("## Latency", "**Latency**")))
+            blocks += [
+                Heading("Latency", 3),
+                Paragraph(latency.split("\n## ")[0].replace("## Latency", "").strip()),
+            ]
     return blocks
 
 
