@@ -304,3 +304,21 @@ def test_loader_batches_carry_one_tensor_per_transform(tmp_path):
     batch = next(iter(make_loader(registry_test_set("pets", tmp_path), transforms, batch_size=3)))
     assert [tuple(x.shape) for x in batch.images] == [(3, 3, 8, 8), (3, 3, 12, 12)]
     assert torch.equal(batch.labels, torch.tensor([0, 1, 2]))
+
+
+def test_a_runs_own_shards_are_a_synthetic_test_set_with_unreadable_images_counted(tmp_path):
+    from synthdistill.eval_data import image_folder_test_set, make_loader
+    from synthdistill.shards import ShardWriter, encode_sample, shard_name
+
+    domain = domain_from_classes(["robin", "owl"], "bird")
+    with ShardWriter(tmp_path / shard_name(0)) as writer:
+        for i in range(4):
+            writer.write(f"{i:08d}", encode_sample(random_image(i), {"class_index": i % 2}))
+        writer.write("00000004", {"jpg": b"not an image", "json": b'{"class_index": 1}'})
+    test_set = image_folder_test_set(tmp_path, domain)
+    assert test_set.num_images == 5 and test_set.classnames == ("robin", "owl")
+    assert "synthetic" in test_set.name
+    batches = list(make_loader(test_set, [T.Compose([T.Resize((8, 8)), T.ToTensor()])], batch_size=8))
+    assert batches[0].labels.tolist() == [0, 1, 0, 1] and batches[0].skipped == 1
+    with pytest.raises(SynthdistillError, match="needs their classes"):
+        image_folder_test_set(tmp_path, None)
