@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from collections import Counter
 
@@ -18,6 +20,7 @@ from synthdistill.prompts import (
     parse_description,
     parse_list,
     parse_options,
+    progress_path,
     sample_combinations,
     subject_phrase,
     write_prompts,
@@ -222,7 +225,8 @@ def test_tiny_random_llm_gibberish_is_replaced_and_counted(tmp_path):
 
 
 class StubChat:
-    """Answers like a well-behaved chat model, in a different list or sentence format per request.
+    """Answers like a well-behaved chat model, in a list or sentence format that depends only on the
+    request and the batch seed (as a seeded LLM's answer does).
 
     Descriptions of 'blue jay' lack the class name until the retry reminder comes; descriptions with
     'at dusk' never name it.
@@ -239,13 +243,10 @@ class StubChat:
         self.requests: list[str] = []
 
     def complete(self, requests: list[str], temperature: float, seed: int) -> list[str]:
-        answers = []
-        for request in requests:
-            self.requests.append(request)
-            answers.append(self.answer(request))
-        return answers
+        self.requests += requests
+        return [self.answer(request, seed) for request in requests]
 
-    def answer(self, request: str) -> str:
+    def answer(self, request: str, seed: int) -> str:
         dimension = re.search(r"options for the (\w+) of a photo", request)
         if dimension:
             return self.OPTIONS[dimension.group(1)]
@@ -259,7 +260,7 @@ class StubChat:
             json.dumps({"description": f"A {classname} seen {setting}."}),
             f"1. A {classname} waiting {setting}.",
         ]
-        return formats[len(self.requests) % len(formats)]
+        return formats[derive_seed(request, seed) % len(formats)]
 
 
 def test_stub_llm_answers_are_parsed_and_counted(tmp_path):
@@ -287,6 +288,8 @@ def test_stub_llm_answers_are_parsed_and_counted(tmp_path):
     assert dusk == []  # 'at dusk' came from the registry; the LLM's options replaced it
     llm_lines = [x for x in lines if x["generator"] == "llm"]
     assert all(x["class_name"] in x["prompt"] and x["options"]["setting"] in x["prompt"] for x in llm_lines)
+    verbs = {re.search(r"(perched|resting|seen|waiting) ", x["prompt"]).group(1) for x in llm_lines}
+    assert verbs == {"perched", "resting", "seen", "waiting"}  # every answer format was parsed
     assert not any(x["prompt"].startswith(("Sure", "{", "1.", '"')) for x in llm_lines)
     answers = summary.prompt_answers
     assert (answers.used, answers.repaired, answers.replaced) == (30, 30, 0)
@@ -305,6 +308,130 @@ def test_stub_llm_answers_without_the_class_are_replaced(tmp_path):
     assert (summary.prompt_answers.used, summary.prompt_answers.replaced) == (0, 4)
     assert [x["generator"] for x in lines] == ["template"] * 4
     assert all(x["prompt"].startswith("a photo of a robin, a type of bird, ") for x in lines)
+
+
+# ---- resuming an interrupted LLM run ------------------------------------------------------------
+
+
+class InterruptingChat(StubChat):
+    """StubChat that counts its calls (batches) and raises KeyboardInterrupt on call ``interrupt_at``.
+
+    Its weather options parse only on the retry, and 'at dusk' is among its lighting options, so a
+    run has option retries, repaired and replaced descriptions.
+    """
+
+    OPTIONS = {**StubChat.OPTIONS, "lighting": '["at dusk", "at noon", "under a grey sky"]'}
+
+    def __init__(self, interrupt_at: int | None = None):
+        super().__init__()
+        self.calls = 0
+        self.interrupt_at = interrupt_at
+
+    def complete(self, requests: list[str], temperature: float, seed: int) -> list[str]:
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        return super().complete(requests, temperature, seed)
+
+    def answer(self, request: str, seed: int) -> str:
+        if "the weather of" in request and RETRY_REMINDER not in request:
+            return "I cannot say."
+        return super().answer(request, seed)
+
+
+RESUME_DOMAIN = small_domain({"setting": ("x",), "lighting": ("y",), "viewpoint": ("z",), "weather": ("w",)})
+RESUME_CONFIG = PromptsConfig(
+    generator="llm", per_class=8, llm_batch_size=3, options_per_dimension=3, llm_temperature=0.5
+)
+
+
+def run_llm(out, chat, domain=RESUME_DOMAIN, config=RESUME_CONFIG, seed=0):
+    return write_prompts(domain, config, out, seed=seed, chat_model=chat)
+
+
+def without_path(summary) -> dict:
+    return {k: v for k, v in summary.to_dict().items() if k != "path"}
+
+
+@pytest.fixture(scope="module")
+def llm_reference(tmp_path_factory):
+    """An uninterrupted run: (file bytes, summary without its path, number of batches asked)."""
+    out = tmp_path_factory.mktemp("reference") / "prompts.jsonl"
+    chat = InterruptingChat()
+    summary = run_llm(out, chat)
+    # options: 2 batches + 1 retry; descriptions: 6 batches + retries of blue jay and 'at dusk'
+    assert (summary.option_answers.used, summary.option_answers.repaired) == (3, 1)
+    answers = summary.prompt_answers
+    assert answers.used > 0 and answers.repaired > 0 and answers.replaced > 0
+    assert chat.calls == 3 + 6 + math.ceil((answers.repaired + answers.replaced) / 3)
+    return out.read_bytes(), without_path(summary), chat.calls
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 3, 5, -1])  # options, option retry, descriptions, last retry
+def test_interrupted_llm_run_resumes_where_it_stopped(tmp_path, caplog, llm_reference, interrupt_at):
+    expected, expected_summary, total_calls = llm_reference
+    interrupt_at = interrupt_at if interrupt_at > 0 else total_calls
+    out = tmp_path / "prompts.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_llm(out, InterruptingChat(interrupt_at))
+    progress = progress_path(out)
+    assert not out.exists() and progress.exists() == (interrupt_at > 1)
+    if progress.exists():
+        assert len(progress.read_text().splitlines()) == 1 + interrupt_at - 1  # header, finished batches
+    chat = InterruptingChat()
+    summary = run_llm(out, chat)
+    assert chat.calls == total_calls - (interrupt_at - 1)
+    assert out.read_bytes() == expected and without_path(summary) == expected_summary
+    assert list(tmp_path.iterdir()) == [out]  # the progress file is gone
+    assert ("resuming LLM prompts" in caplog.text) == (interrupt_at > 1)
+
+
+def test_a_torn_progress_line_is_redone(tmp_path, llm_reference):
+    expected, expected_summary, total_calls = llm_reference
+    out = tmp_path / "prompts.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_llm(out, InterruptingChat(6))
+    with open(progress_path(out), "a") as f:
+        f.write('{"unit": "prompts/first/9", "par')  # a crash in the middle of a write
+    chat = InterruptingChat()
+    summary = run_llm(out, chat)
+    assert chat.calls == total_calls - 5
+    assert out.read_bytes() == expected and without_path(summary) == expected_summary
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"seed": 1},
+        {"config": dataclasses.replace(RESUME_CONFIG, llm="another/llm")},
+        {"config": dataclasses.replace(RESUME_CONFIG, llm_batch_size=4)},
+        {"domain": dataclasses.replace(RESUME_DOMAIN, classnames=("blue jay", "robin"))},
+    ],
+)
+def test_progress_from_other_settings_is_discarded(tmp_path, caplog, changed):
+    out, fresh = tmp_path / "prompts.jsonl", tmp_path / "fresh" / "prompts.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_llm(out, InterruptingChat(6))
+    chat, fresh_chat = InterruptingChat(), InterruptingChat()
+    summary = run_llm(out, chat, **changed)
+    fresh_summary = run_llm(fresh, fresh_chat, **changed)
+    assert "discarding LLM progress" in caplog.text and "resuming" not in caplog.text
+    assert chat.calls == fresh_chat.calls > 5
+    assert out.read_bytes() == fresh.read_bytes() and without_path(summary) == without_path(fresh_summary)
+    assert not progress_path(out).exists()
+
+
+def test_template_generator_ignores_llm_progress(tmp_path):
+    out, clean = tmp_path / "prompts.jsonl", tmp_path / "clean" / "prompts.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_llm(out, InterruptingChat(4))
+    stale = progress_path(out).read_bytes()
+    config = PromptsConfig(per_class=5)
+    write_prompts(RESUME_DOMAIN, config, out)
+    write_prompts(RESUME_DOMAIN, config, clean)
+    assert out.read_bytes() == clean.read_bytes()
+    assert progress_path(out).read_bytes() == stale
+    assert list(clean.parent.iterdir()) == [clean]
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ images transfer to real ones (PAPER.md, stage 1). Two generators:
 - ``llm``: an instruction-tuned chat model proposes the options of every dimension for every
   superclass, then writes one scene description per prompt that contains the class name. An answer
   that does not parse (or lacks the class name) is asked again once, then replaced by the registry's
-  options or the template prompt of the same options; the summary counts each case.
+  options or the template prompt of the same options; the summary counts each case. Each finished
+  batch of answers is appended to a progress file beside the output (:class:`LLMProgress`), so an
+  interrupted run resumes where it stopped and writes the same file as one that never stopped.
 
 Every prompt fits the CLIP text encoder's context (77 tokens with start and end); longer ones are cut
 at a word boundary and counted. Each line of the file::
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 import re
@@ -33,14 +36,17 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from synthdistill.config import PromptsConfig
+from synthdistill.config import PromptsConfig, config_hash
 from synthdistill.errors import SynthdistillError
 from synthdistill.fileio import atomic_path
 from synthdistill.registry import Domain
 from synthdistill.runtime import derive_seed, resolve_device
 from synthdistill.tiny import create_tiny_llm, is_tiny
 
+logger = logging.getLogger(__name__)
+
 GENERATORS = ("template", "llm")
+PROGRESS_FORMAT = 1  # part of the progress key: bump when what a unit stores changes
 CLIP_CONTEXT_LENGTH = 77
 RETRY_TEMPERATURE = 0.7
 RETRY_REMINDER = "Follow the answer format exactly and nothing else."
@@ -407,17 +413,105 @@ def _template_records(
     return records
 
 
+def progress_path(out_path: Path) -> Path:
+    """Where an ``llm`` run keeps its finished batches until ``out_path`` is written: a hidden sibling."""
+    return out_path.with_name(f".{out_path.name}.progress.jsonl")
+
+
+class LLMProgress:
+    """Parsed LLM answers of the batches finished so far, kept in a file so an interrupted run resumes.
+
+    The file holds a header line ``{"key": ...}`` (a hash of everything that determines the answers),
+    then one line per finished batch, ``{"unit": "prompts/first/24", "parsed": [...]}``, appended as
+    the batch finishes. A file under another key is discarded; a line torn by a crash is dropped.
+    The file is created with the first finished batch, never before.
+    """
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        self.done: dict[str, list] = {}
+        self._has_header = False
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        kept = 0
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f):
+                entry = _json_line(line)
+                if number == 0:
+                    if entry is None or entry.get("key") != self.key:
+                        logger.warning(
+                            "discarding LLM progress %s: it was made with other settings (domain, "
+                            "prompts config, seed or LLM) or is unreadable; starting over",
+                            self.path,
+                        )
+                        self.path.unlink()
+                        return
+                elif entry is None or not {"unit", "parsed"} <= entry.keys():
+                    break  # torn by a crash: this line and any after it are redone
+                else:
+                    self.done[entry["unit"]] = entry["parsed"]
+                kept += len(line)
+        if kept < self.path.stat().st_size:
+            with open(self.path, "r+b") as f:
+                f.truncate(kept)
+        self._has_header = kept > 0
+        logger.warning("resuming LLM prompts: %d finished batches from %s", len(self.done), self.path)
+
+    def get(self, unit: str) -> list | None:
+        return self.done.get(unit)
+
+    def add(self, unit: str, parsed: list) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            if not self._has_header:
+                f.write(json.dumps({"key": self.key}) + "\n")
+                self._has_header = True
+            f.write(json.dumps({"unit": unit, "parsed": parsed}) + "\n")
+        self.done[unit] = parsed
+
+
+def _json_line(line: bytes) -> dict | None:
+    """The JSON object on a complete line (ending in a newline); None otherwise."""
+    try:
+        entry = json.loads(line) if line.endswith(b"\n") else None
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
 def _ask(
-    chat: ChatModel, requests: list[str], batch_size: int, temperature: float, seed: int, desc: str
-) -> list[str]:
-    """Answers to ``requests`` in batches; the sampling seed of a batch depends only on its start."""
-    answers: list[str] = []
-    with tqdm(total=len(requests), desc=desc, unit="prompt", disable=None) as bar:
-        for start in range(0, len(requests), batch_size):
-            batch = requests[start : start + batch_size]
-            answers += chat.complete(batch, temperature, derive_seed(seed, start))
-            bar.update(len(batch))
-    return answers
+    chat: ChatModel,
+    requests: list[str],
+    parse: Callable[[int, str], object | None],
+    temperature: float,
+    seed: int,
+    unit: str,
+    progress: LLMProgress,
+    batch_size: int,
+) -> list:
+    """Parsed answers to ``requests``, asked in batches.
+
+    The sampling seed of a batch depends only on ``seed`` and its start, so a batch that ``progress``
+    holds from an interrupted run is taken from there and the others come out as if it never stopped.
+    """
+    starts = range(0, len(requests), batch_size)
+    resumed = sum(
+        len(requests[s : s + batch_size]) for s in starts if progress.get(f"{unit}/{s}") is not None
+    )
+    parsed: list = []
+    with tqdm(total=len(requests), initial=resumed, desc=f"LLM {unit}", unit="prompt", disable=None) as bar:
+        for start in starts:
+            done = progress.get(f"{unit}/{start}")
+            if done is None:
+                batch = requests[start : start + batch_size]
+                answers = chat.complete(batch, temperature, derive_seed(seed, start))
+                done = [parse(start + j, answer) for j, answer in enumerate(answers)]
+                progress.add(f"{unit}/{start}", done)
+                bar.update(len(batch))
+            parsed += done
+    return parsed
 
 
 def _ask_with_retry(
@@ -427,18 +521,30 @@ def _ask_with_retry(
     config: PromptsConfig,
     seed: int,
     what: str,
+    progress: LLMProgress,
 ) -> tuple[list, AnswerCounts]:
     """Parsed answers (None where both tries failed) and their counts; a retry samples, with a reminder."""
     size, temperature = config.llm_batch_size, config.llm_temperature
-    answers = _ask(chat, requests, size, temperature, derive_seed(seed, what), f"LLM {what}")
-    parsed = [parse(i, answer) for i, answer in enumerate(answers)]
+    parsed = _ask(
+        chat, requests, parse, temperature, derive_seed(seed, what), f"{what}/first", progress, size
+    )
     failed = [i for i, value in enumerate(parsed) if value is None]
     if failed:
         again = [f"{requests[i]}\n{RETRY_REMINDER}" for i in failed]
         retry_temperature = max(temperature, RETRY_TEMPERATURE)
-        retried = _ask(chat, again, size, retry_temperature, derive_seed(seed, what, "retry"), "LLM retry")
-        for i, answer in zip(failed, retried, strict=True):
-            parsed[i] = parse(i, answer)
+        retry_seed = derive_seed(seed, what, "retry")
+        retried = _ask(
+            chat,
+            again,
+            lambda j, text: parse(failed[j], text),
+            retry_temperature,
+            retry_seed,
+            f"{what}/retry",
+            progress,
+            size,
+        )
+        for i, value in zip(failed, retried, strict=True):
+            parsed[i] = value
     repaired = sum(parsed[i] is not None for i in failed)
     counts = AnswerCounts(len(requests) - len(failed), repaired, len(failed) - repaired)
     return parsed, counts
@@ -464,7 +570,13 @@ def _description_request(subject: str, classname: str, options: dict[str, str]) 
 
 
 def _llm_records(
-    domain: Domain, config: PromptsConfig, per_class: int, seed: int, chat: ChatModel, budget: TokenBudget
+    domain: Domain,
+    config: PromptsConfig,
+    per_class: int,
+    seed: int,
+    chat: ChatModel,
+    budget: TokenBudget,
+    progress: LLMProgress,
 ) -> tuple[list[PromptRecord], AnswerCounts, AnswerCounts]:
     """Options per (superclass, dimension) from the LLM, then one LLM description per prompt."""
     superclasses = list(dict.fromkeys(domain.superclass_of(c) for c in domain.classnames))
@@ -479,6 +591,7 @@ def _llm_records(
         config,
         seed,
         "options",
+        progress,
     )
     suggested = {
         key: tuple(found) if found else domain.contextual_dimensions[key[1]]
@@ -499,7 +612,7 @@ def _llm_records(
         usable = description is not None and names_class(budget.shorten(description), records[i].class_name)
         return description if usable else None
 
-    descriptions, prompt_counts = _ask_with_retry(chat, requests, parse, config, seed, "prompts")
+    descriptions, prompt_counts = _ask_with_retry(chat, requests, parse, config, seed, "prompts", progress)
     for record, description in zip(records, descriptions, strict=True):
         if description is not None:
             record.prompt, record.generator = description, "llm"
@@ -547,7 +660,10 @@ def write_prompts(
 
     ``chat_model`` replaces the LLM named by ``config.llm`` (any object with ``complete``); the
     template generator ignores it and ``device``. Bad input is refused before anything is written.
+    The ``llm`` generator resumes from :func:`progress_path` when an earlier call under the same
+    settings was interrupted, and deletes that file once ``out_path`` is written.
     """
+    out_path = Path(out_path)
     per_class = config.per_class if config.per_class is not None else domain.images_per_class
     _check_inputs(domain, config, per_class)
     budget = TokenBudget(config.max_prompt_tokens)
@@ -562,16 +678,27 @@ def write_prompts(
         records = _template_records(domain, per_class, seed, lambda _: domain.contextual_dimensions)
     else:
         chat = chat_model or load_chat_model(config.llm, device, config.llm_max_new_tokens)
-        records, option_counts, prompt_counts = _llm_records(domain, config, per_class, seed, chat, budget)
+        identity = {
+            "classnames": domain.classnames,
+            "class_superclasses": [domain.superclass_of(c) for c in domain.classnames],
+            "dimensions": domain.contextual_dimensions,
+            "templates": domain.templates,
+        }
+        key = config_hash(PROGRESS_FORMAT, identity, config, per_class, seed)
+        progress = LLMProgress(progress_path(out_path), key)
+        records, option_counts, prompt_counts = _llm_records(
+            domain, config, per_class, seed, chat, budget, progress
+        )
     shortened = 0
     for record in records:
         fitted = budget.shorten(record.prompt)
         shortened += fitted != record.prompt
         record.prompt = fitted
-    out_path = Path(out_path)
     with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(dataclasses.asdict(record), ensure_ascii=False) + "\n")
+    if config.generator == "llm":
+        progress_path(out_path).unlink(missing_ok=True)
     by_class: dict[str, list[str]] = {c: [] for c in domain.classnames}
     for record in records:
         by_class[record.class_name].append(record.prompt)
