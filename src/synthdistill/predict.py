@@ -13,12 +13,12 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from synthdistill import __version__
 from synthdistill.errors import SynthdistillError
 from synthdistill.registry import Domain
 
@@ -34,13 +34,6 @@ _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
-
-
-def synthdistill_version() -> str:
-    try:
-        return metadata.version("synthdistill")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def require_export_extra():
@@ -69,7 +62,7 @@ class ModelInfo:
     teacher: str = ""
     student: str = ""
     embed_dim: int = 0
-    synthdistill_version: str = dataclasses.field(default_factory=synthdistill_version)
+    synthdistill_version: str = __version__
     format_version: int = EXPORT_FORMAT_VERSION
 
     def to_json(self) -> dict:
