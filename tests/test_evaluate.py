@@ -231,3 +231,13 @@ def test_custom_classes_without_a_test_set_leave_a_note(tmp_path):
     assert results.entries == []
     assert "No real test set" in (tmp_path / "eval" / "results.md").read_text()
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["entries"] == []
+
+
+def test_naming_the_students_teacher_keeps_its_pretrained_weights():
+    from synthdistill.evaluate import _teacher_name
+    from synthdistill.student import create_student
+
+    student = create_student("tiny", 32, teacher="ViT-B-32", teacher_pretrained="datacomp_xl_s13b_b90k")
+    assert _teacher_name(student, None, "ViT-B-32", None) == ("ViT-B-32", "datacomp_xl_s13b_b90k")
+    assert _teacher_name(student, None, "ViT-B-32", "laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert _teacher_name(student, None, "ViT-B-16", None) == ("ViT-B-16", None)

@@ -159,3 +159,17 @@ def test_from_redoes_that_stage_and_every_later_one(tmp_path):
                             "evaluate": "not run", "export": "not run"}  # fmt: skip
     redone = run_pipeline(recipe, start_from="prompts", until="generate", report=False, echo=quiet)
     assert redone.stages["prompts"] == redone.stages["generate"] == "done"
+
+
+def test_force_redoes_only_what_changed(tmp_path):
+    recipe = smoke_recipe(tmp_path / "run", "prompts.per_class=2")
+    run_pipeline(recipe, until="generate", report=False, echo=quiet)
+    first_shard = (tmp_path / "run" / "shards" / "shard-000000.tar").stat().st_mtime_ns
+    changed = smoke_recipe(
+        tmp_path / "run", "prompts.per_class=2", "generate.steps=1", "generate.compile=false"
+    )
+    result = run_pipeline(changed, until="generate", force=True, report=False, echo=quiet)
+    assert result.stages["prompts"] == "skipped" and result.stages["generate"] == "done"
+    assert (tmp_path / "run" / "shards" / "shard-000000.tar").stat().st_mtime_ns != first_shard
+    faster = smoke_recipe(tmp_path / "run", "prompts.per_class=2", "generate.steps=1", "distill.workers=3")
+    assert run_pipeline(faster, until="generate", report=False, echo=quiet).stages["generate"] == "skipped"

@@ -28,6 +28,17 @@ def test_other_config_is_refused_unless_forced(tmp_path):
     assert not run.prompts.exists()
 
 
+def test_force_keeps_finished_work_whose_config_did_not_change(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.begin_stage("prompts", "h1")
+    run.prompts.write_text("kept")
+    run.finish_stage("prompts", "h1")
+    assert run.begin_stage("prompts", "h1", force=True) is True
+    assert run.prompts.read_text() == "kept"
+    assert run.begin_stage("prompts", "h1", redo=True) is False
+    assert not run.prompts.exists()
+
+
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.txt"
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:

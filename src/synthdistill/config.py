@@ -28,13 +28,19 @@ import yaml
 from synthdistill.errors import SynthdistillError
 
 STAGES = ("prompts", "generate", "distill", "evaluate", "export")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a one-line help text (shown by ``--help`` and docs)."""
+def option(default: Any, help: str, hashed: bool = True) -> Any:
+    """A dataclass field with a default and a one-line help text (shown by ``--help`` and docs).
+
+    ``hashed=False`` marks a setting that changes how fast a stage runs but not what it produces
+    (workers, logging, compilation): changing it never invalidates outputs or checkpoints.
+    """
+    metadata = {"help": help, "hashed": hashed}
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -72,7 +78,7 @@ class GenerateConfig:
     shard_size: int = option(1000, "Images per output shard.")
     precision: str = option("auto", "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
     vae: str | None = option(None, "Replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix); null: the model's.")
-    compile: bool = option(False, "torch.compile the UNet.")
+    compile: bool = option(False, "torch.compile the UNet.", hashed=False)
     safety_checker: bool = option(False, "Keep the pipeline's safety checker (off by default).")
 
 
@@ -98,8 +104,8 @@ class DistillConfig:
     warmup_steps: int = option(0, "Linear warm-up steps.")
     grad_clip: float | None = option(1.0, "Gradient-norm clipping; null disables.")
     precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")
-    compile: bool = option(False, "torch.compile the student.")
-    workers: int = option(4, "Data-loader worker processes per rank.")
+    compile: bool = option(False, "torch.compile the student.", hashed=False)
+    workers: int = option(4, "Data-loader worker processes per rank.", hashed=False)
     aug_scale_min: float = option(0.9, "Smallest RandomResizedCrop area (CLIP training uses 0.9).")
     cache_teacher: bool = option(
         True, "Embed fixed augmented views once with the teacher and replay them (not for train_data)."
@@ -108,15 +114,17 @@ class DistillConfig:
     cache_dtype: str = option(
         "fp16", "Storage of cached teacher features: fp16 (half the disk) or fp32 (exact)."
     )
-    checkpoint_every: int = option(500, "Steps between checkpoints.")
-    log_every: int = option(10, "Steps between log lines.")
+    checkpoint_every: int = option(500, "Steps between checkpoints.", hashed=False)
+    log_every: int = option(10, "Steps between log lines.", hashed=False)
     image_size: int | None = option(None, "Student input size; default: the timm model's.")
     train_data: str | None = option(
         None, "Train on other data than the run's shards: WebDataset URLs, a shard folder or imagenet:DIR."
     )
     train_num_samples: int | None = option(None, "Samples per epoch of train_data (all ranks together).")
     resampled: bool = option(False, "train_data: draw shards with replacement (epoch = train_num_samples).")
-    shuffle_buffer: int = option(5000, "train_data: samples in each data-loader worker's shuffle buffer.")
+    shuffle_buffer: int = option(
+        5000, "train_data: samples in each data-loader worker's shuffle buffer.", hashed=False
+    )
 
 
 @dataclass
@@ -127,12 +135,14 @@ class EvaluateConfig:
     data_root: str = option("data", "Folder holding the real test sets (see README for the layout).")
     image_folder: str | None = option(None, "An ImageFolder-style test set instead of registry datasets.")
     batch_size: int = option(128, "Images per batch.")
-    workers: int = option(4, "Data-loader worker processes.")
+    workers: int = option(4, "Data-loader worker processes.", hashed=False)
     download: bool = option(False, "Let torchvision download missing test sets.")
     precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")
     with_teacher: bool = option(True, "Also evaluate the teacher on the same images.")
     max_images: int | None = option(None, "Evaluate at most this many images per dataset (quick checks).")
-    head_cache: str | None = option(None, "Folder caching zero-shot heads; default <out>/zero_shot_heads.")
+    head_cache: str | None = option(
+        None, "Folder caching zero-shot heads; default <out>/zero_shot_heads.", hashed=False
+    )
 
 
 @dataclass
@@ -143,7 +153,9 @@ class ExportConfig:
     opset: int = option(18, "ONNX opset (>= 18, what torch's ONNX exporter writes).")
     atol: float = option(1e-4, "Largest allowed difference between exported and PyTorch outputs.")
     bench: bool = option(True, "Measure CPU latency of student and teacher for the model card.")
-    bench_repeats: int = option(5, "Timed runs per latency measurement (the median is reported).")
+    bench_repeats: int = option(
+        5, "Timed runs per latency measurement (the median is reported).", hashed=False
+    )
 
 
 @dataclass
@@ -170,10 +182,6 @@ class RecipeConfig:
 
 class ConfigError(SynthdistillError):
     """A recipe or override that cannot be used."""
-
-
-def field_help(cls: type, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
 
 
 def valid_keys(cls: type = RecipeConfig, prefix: str = "") -> list[str]:
@@ -335,6 +343,9 @@ def validate(recipe: RecipeConfig) -> None:
         "distill.head": (recipe.distill.head, ("linear", "mlp")),
         "distill.fd_variant": (recipe.distill.fd_variant, ("l2", "cosine", "mse")),
         "distill.schedule": (recipe.distill.schedule, ("constant", "cosine")),
+        "generate.precision": (recipe.generate.precision, PRECISIONS),
+        "distill.precision": (recipe.distill.precision, PRECISIONS),
+        "evaluate.precision": (recipe.evaluate.precision, PRECISIONS),
         "distill.cache_dtype": (recipe.distill.cache_dtype, ("fp16", "fp32")),
     }
     for key, (value, allowed) in choices.items():
@@ -368,6 +379,13 @@ def to_dict(config: Any) -> dict:
 
 def dump_recipe(recipe: RecipeConfig) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def hashed_settings(config: Any) -> dict:
+    """A stage config's fields that decide its outputs (those not marked ``hashed=False``)."""
+    return {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("hashed", True)
+    }
 
 
 def config_hash(*parts: Any) -> str:

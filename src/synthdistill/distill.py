@@ -35,8 +35,9 @@ from torchvision.transforms import RandomResizedCrop
 from tqdm.auto import tqdm
 
 from synthdistill.augment import Augmentation, Batch, ViewDataset, prepare_view, view_loader
-from synthdistill.config import DistillConfig, config_hash
+from synthdistill.config import DistillConfig, config_hash, hashed_settings
 from synthdistill.errors import SynthdistillError
+from synthdistill.fileio import temporary_name
 from synthdistill.losses import LossSettings, WeightedLoss
 from synthdistill.registry import Domain
 from synthdistill.runtime import (
@@ -62,9 +63,6 @@ from synthdistill.webdata import SourceStats, TrainSource, build_train_source, m
 logger = logging.getLogger(__name__)
 
 LOG_NAME = "train_log.jsonl"
-# Settings that do not change the optimisation problem, so a checkpoint resumes across them
-# (workers and shuffle_buffer reorder streamed samples, but draw from the same data).
-NOT_IN_RUN_HASH = ("workers", "log_every", "checkpoint_every", "compile", "shuffle_buffer")
 
 
 @dataclass
@@ -487,24 +485,28 @@ class Checkpoints:
         from safetensors.torch import save_file
 
         final = self.directory / f"step-{step:08d}"
-        tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
+        tmp = temporary_name(final)
         tmp.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in distiller.state_dict().items()}
-        save_file(weights, str(tmp / "weights.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(
-            {
-                **state,
-                "step": step,
-                "run_hash": self.run_hash,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng,
-            },
-            tmp / "state.pt",
-        )
+        try:
+            weights = {k: v.detach().cpu().contiguous() for k, v in distiller.state_dict().items()}
+            save_file(weights, str(tmp / "weights.safetensors"))
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(
+                {
+                    **state,
+                    "step": step,
+                    "run_hash": self.run_hash,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng,
+                },
+                tmp / "state.pt",
+            )
+        except BaseException:  # an interrupted save leaves no hidden half checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -684,8 +686,7 @@ def build_student(config: DistillConfig, teacher: Teacher, seed: int) -> Student
 def run_hash(config: DistillConfig, seed: int, data_id: str) -> str:
     """What a checkpoint must share with this call to be resumed: the settings that change training,
     and the data (``TrainData.identity``)."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_RUN_HASH}
-    return config_hash(settings, seed, data_id)
+    return config_hash(hashed_settings(config), seed, data_id)
 
 
 def check_batch(batch: Batch, step: int, num_classes: int | None) -> None:

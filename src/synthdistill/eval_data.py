@@ -81,6 +81,10 @@ class Batch:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True): a plain dataclass is otherwise left unpinned."""
+        return Batch(tuple(x.pin_memory() for x in self.images), self.labels.pin_memory(), self.skipped)
+
 
 def validation_transform(preprocessing: Preprocessing) -> Callable:
     """A model's evaluation preprocessing: resize (shortest side by default), center crop, normalise;

@@ -296,6 +296,8 @@ def _teacher_name(
     student: Student | None, student_dir: Path | None, teacher: str | None, teacher_pretrained: str | None
 ) -> tuple[str, str | None]:
     if teacher is not None:
+        if teacher_pretrained is None and student is not None and student.config.teacher == teacher:
+            teacher_pretrained = student.config.teacher_pretrained  # the student's own teacher weights
         return teacher, teacher_pretrained
     if student is None:
         raise SynthdistillError("Name the teacher to evaluate with --teacher (and --teacher-pretrained).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,8 +12,11 @@ from typing import Any
 
 
 def temporary_name(path: Path) -> Path:
-    """The hidden sibling a file is written to before it is renamed into place."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """The hidden sibling a file is written to before it is renamed into place.
+
+    Host and process id both: job-array tasks on different nodes may share a folder and a pid.
+    """
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 @contextmanager

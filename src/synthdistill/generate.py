@@ -417,15 +417,16 @@ def generate_images(
     shards_total = math.ceil(len(prompts) / config.shard_size)
     settings = {name: getattr(config, name) for name in OUTPUT_SETTINGS}
     identity = {"prompts_sha256": prompts_file.sha256, "settings": settings}
-    foreign = _check_folder(out_dir, identity, force)
+    # Another run's shards are cleared before the slow model load, so that processes starting
+    # together clear them before any of them has written a shard of its own.
+    if _check_folder(out_dir, identity, force):
+        _clear_folder(out_dir)
     torch_device = resolve_device(device, env)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)  # keeps every torchrun rank's CUDA context off GPU 0
     pipe = pipeline if pipeline is not None else load_text2image_pipeline(config, torch_device)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if foreign:
-        _clear_folder(out_dir)
     info = {
         "prompts_file": str(prompts_file.path),
         **identity,

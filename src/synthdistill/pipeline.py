@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthdistill.config import STAGES, RecipeConfig, config_hash, dump_recipe
+from synthdistill.config import STAGES, RecipeConfig, config_hash, dump_recipe, hashed_settings
 from synthdistill.errors import SynthdistillError
 from synthdistill.registry import Domain, resolve_domain
 from synthdistill.rundir import RunDir
@@ -45,11 +45,11 @@ def stage_hashes(recipe: RecipeConfig, domain: Domain) -> dict[str, str]:
         "templates": domain.templates,
     }
     hashes: dict[str, str] = {}
-    hashes["prompts"] = config_hash(identity, recipe.seed, recipe.prompts)
-    hashes["generate"] = config_hash(hashes["prompts"], recipe.generate)
-    hashes["distill"] = config_hash(hashes["generate"], recipe.seed, recipe.distill)
-    hashes["evaluate"] = config_hash(hashes["distill"], recipe.evaluate)
-    hashes["export"] = config_hash(hashes["distill"], identity, recipe.export)
+    hashes["prompts"] = config_hash(identity, recipe.seed, hashed_settings(recipe.prompts))
+    hashes["generate"] = config_hash(hashes["prompts"], hashed_settings(recipe.generate))
+    hashes["distill"] = config_hash(hashes["generate"], recipe.seed, hashed_settings(recipe.distill))
+    hashes["evaluate"] = config_hash(hashes["distill"], hashed_settings(recipe.evaluate))
+    hashes["export"] = config_hash(hashes["distill"], identity, hashed_settings(recipe.export))
     return hashes
 
 
@@ -111,6 +111,7 @@ def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[st
             run.export,
             recipe.export,
             eval_results=results if results.is_file() else None,
+            device=recipe.device,
         )
 
     return {
@@ -166,7 +167,7 @@ def run_pipeline(
     """Run the recipe's stages in order in ``recipe.run_path``.
 
     ``start_from`` redoes that stage and all after it (their outputs are cleared); ``until``
-    stops after a stage; ``force`` redoes every selected stage even if its config changed.
+    stops after a stage; ``force`` redoes the stages whose config changed (and keeps the others).
     """
     env = env or dist_env()
     if not env.is_main:
@@ -187,9 +188,9 @@ def run_pipeline(
         if stage not in selected:
             result.stages[stage] = "not run"
             continue
-        redo = force or start_from is not None  # every selected stage comes at or after --from
+        redo = start_from is not None  # every selected stage comes at or after --from
         if env.is_main:
-            done = run.begin_stage(stage, hashes[stage], force=redo)
+            done = run.begin_stage(stage, hashes[stage], force=force or redo, redo=redo)
         barrier(env, group)
         if not env.is_main:  # rank 0 has decided and recorded it
             done = run.stage_record(stage)["status"] == "done"

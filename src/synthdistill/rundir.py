@@ -82,21 +82,25 @@ class RunDir:
     def stage_record(self, stage: str) -> dict | None:
         return self.manifest()["stages"].get(stage)
 
-    def begin_stage(self, stage: str, config_hash: str, force: bool = False) -> bool:
+    def begin_stage(self, stage: str, config_hash: str, force: bool = False, redo: bool = False) -> bool:
         """Decide what to do with a stage. Returns True if it is already done (skip it).
 
-        Records the stage as running under ``config_hash`` otherwise. A record under another
-        hash is refused, unless ``force``, in which case the stage's outputs are cleared.
+        Records the stage as running under ``config_hash`` otherwise. A record under another hash
+        is refused unless ``force``; its outputs are then cleared, as they are with ``redo`` (redo
+        the stage even though its config did not change). A stage whose config did not change is
+        never cleared by ``force`` alone: finished work under the same settings is kept.
         """
         record = self.stage_record(stage)
-        if record and record["config_hash"] == config_hash and not force:
+        changed = record is not None and record["config_hash"] != config_hash
+        if record and not changed and not redo:
             return record["status"] == "done"
-        if record and record["config_hash"] != config_hash and not force:
+        if changed and not force:
             raise SynthdistillError(
                 f"'{self.root}' holds {stage} outputs made under another config "
-                f"({record['config_hash']} vs {config_hash}); use --force to redo it or another --name."
+                f"({record['config_hash']} vs {config_hash}); use --force to redo what changed, "
+                f"--from {stage} to redo from this stage, or another --name."
             )
-        if record or force:
+        if record or redo:
             for path in self.stage_outputs(stage):
                 if path.is_dir():
                     shutil.rmtree(path)

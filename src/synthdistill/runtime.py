@@ -6,10 +6,8 @@ import contextlib
 import datetime
 import hashlib
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from synthdistill.errors import SynthdistillError
@@ -89,12 +87,6 @@ def derive_seed(*parts: object) -> int:
     """
     text = "\x1f".join(str(p) for p in parts)
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") & (2**63 - 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

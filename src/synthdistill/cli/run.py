@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="Redo the selected stages even if the run holds outputs of another config.",
+        help="Redo stages whose config changed, replacing their outputs; unchanged finished stages are kept.",
     )
     parser.add_argument("--no-report", dest="report", action="store_false", help="Do not write the report.")
     parser.set_defaults(func=run_command)

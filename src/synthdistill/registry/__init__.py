@@ -6,6 +6,7 @@ class list becomes the same kind of :class:`Domain`, with generic contextual dim
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -142,5 +143,5 @@ def resolve_domain(dataset: str | None, classes_file: str | Path | None, supercl
         raise SynthdistillError("Name a registry dataset (--dataset) or a class file (--classes).")
     domain = get_dataset(dataset)
     if superclass:
-        domain = Domain(**{**domain.__dict__, "superclass": superclass, "class_superclasses": {}})
+        domain = dataclasses.replace(domain, superclass=superclass, class_superclasses={})
     return domain
