@@ -63,8 +63,46 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_choices_and_ranges_are_validated():
     with pytest.raises(ConfigError, match="prompts.generator"):
         load_recipe(None, ["prompts.generator=gpt"])
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(ConfigError, match=r"prompts.per_class.*\[1, inf\)"):
         load_recipe(None, ["prompts.per_class=0"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "distill.grad_clip=-1",
+        "distill.checkpoint_every=0",
+        "distill.log_every=0",
+        "distill.workers=-1",
+        "distill.lr=0",
+        "distill.lr=.nan",
+        "distill.lr=.inf",
+        "distill.image_size=0",
+        "distill.aug_scale_min=2",
+        "distill.aug_scale_min=0",
+        "generate.store_size=0",
+        "generate.jpeg_quality=0",
+        "generate.jpeg_quality=101",
+        "generate.guidance=-0.5",
+    ],
+)
+def test_out_of_range_values_are_refused_before_any_work(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_recipe(None, [override])
+
+
+def test_in_range_edges_are_accepted():
+    recipe = load_recipe(
+        None,
+        [
+            "distill.grad_clip=null",
+            "distill.aug_scale_min=1",
+            "generate.jpeg_quality=100",
+            "generate.guidance=0",
+        ],
+    )
+    assert recipe.distill.grad_clip is None and recipe.distill.aug_scale_min == 1.0
 
 
 def test_dumped_recipe_loads_back_identically(tmp_path):

@@ -17,6 +17,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,32 +33,72 @@ STAGES = ("prompts", "generate", "distill", "evaluate", "export")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def option(default: Any, help: str, hashed: bool = True) -> Any:
+def option(
+    default: Any,
+    help: str,
+    hashed: bool = True,
+    choices: tuple[str, ...] | None = None,
+    bounds: str | None = None,
+) -> Any:
     """A dataclass field with a default and a one-line help text (shown by ``--help`` and docs).
 
     ``hashed=False`` marks a setting that changes how fast a stage runs but not what it produces
     (workers, logging, compilation): changing it never invalidates outputs or checkpoints.
+    ``choices`` lists the accepted strings; ``bounds`` is an interval such as ``"(0, inf)"``,
+    ``"[0, inf)"`` or ``"[1, 100]"`` that every number (and every item of a list) must lie in.
+    Both are checked by :func:`validate` before any model loads.
     """
-    metadata = {"help": help, "hashed": hashed}
+    metadata = {"help": help, "hashed": hashed, "choices": choices, "bounds": bounds}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _parse_bounds(bounds: str) -> tuple[float, float, bool, bool]:
+    """'(0, 1]' -> (0.0, 1.0, low_open=True, high_open=False)."""
+    match = re.fullmatch(r"\s*([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])\s*", bounds)
+    if not match:
+        raise ValueError(f"bad bounds {bounds!r}")
+    low_bracket, low, high, high_bracket = match.groups()
+    return float(low), float(high), low_bracket == "(", high_bracket == ")"
+
+
+def check_bounds(key: str, value: Any, bounds: str) -> None:
+    """Refuse a number outside ``bounds`` (and NaN or infinity), naming the key and the interval."""
+    low, high, low_open, high_open = _parse_bounds(bounds)
+    for number in value if isinstance(value, list | tuple) else [value]:
+        if number is None:
+            continue
+        inside = math.isfinite(number) and (number > low if low_open else number >= low)
+        inside = inside and (number < high if high_open else number <= high)
+        if not inside:
+            raise ConfigError(f"'{key}' must be in {bounds} (finite); got {value}.")
 
 
 @dataclass
 class PromptsConfig:
     """Stage 1: class names become text prompts."""
 
-    generator: str = option("template", "'template' (combinatorial, no model) or 'llm'.")
-    per_class: int | None = option(None, "Prompts (= images) per class; default: the dataset's count.")
+    generator: str = option(
+        "template", "'template' (combinatorial, no model) or 'llm'.", choices=("template", "llm")
+    )
+    per_class: int | None = option(
+        None, "Prompts (= images) per class; default: the dataset's count.", bounds="[1, inf)"
+    )
     llm: str = option(
         "meta-llama/Llama-2-7b-chat-hf", "Instruction-tuned LLM: hub id, local folder or 'tiny'."
     )
-    llm_batch_size: int = option(8, "Conversations generated at once by the LLM.")
-    llm_max_new_tokens: int = option(256, "Longest LLM answer, in tokens.")
-    options_per_dimension: int = option(10, "Options the LLM is asked for per contextual dimension.")
-    llm_temperature: float = option(0.0, "0: greedy LLM decoding; above 0: seeded sampling (retries sample).")
-    max_prompt_tokens: int = option(77, "Prompts longer than this (text-encoder tokens) are shortened.")
+    llm_batch_size: int = option(8, "Conversations generated at once by the LLM.", bounds="[1, inf)")
+    llm_max_new_tokens: int = option(256, "Longest LLM answer, in tokens.", bounds="[1, inf)")
+    options_per_dimension: int = option(
+        10, "Options the LLM is asked for per contextual dimension.", bounds="[1, inf)"
+    )
+    llm_temperature: float = option(
+        0.0, "0: greedy LLM decoding; above 0: seeded sampling (retries sample).", bounds="[0, inf)"
+    )
+    max_prompt_tokens: int = option(
+        77, "Prompts longer than this (text-encoder tokens) are shortened.", bounds="[1, inf)"
+    )
 
 
 @dataclass
@@ -67,16 +109,24 @@ class GenerateConfig:
         "stabilityai/stable-diffusion-xl-base-1.0", "Diffusers model id, local folder or 'tiny'."
     )
     lora: str | None = option("latent-consistency/lcm-lora-sdxl", "LoRA fused into the UNet (none: null).")
-    scheduler: str = option("lcm", "Scheduler: 'lcm' or 'default' (the pipeline's own).")
-    steps: int = option(4, "Denoising steps.")
-    guidance: float = option(1.0, "Classifier-free guidance scale (LCM-LoRA: 1.0-2.0).")
-    resolution: int | None = option(None, "Generated image side in pixels; default: the model's.")
+    scheduler: str = option(
+        "lcm", "Scheduler: 'lcm' or 'default' (the pipeline's own).", choices=("lcm", "default")
+    )
+    steps: int = option(4, "Denoising steps.", bounds="[1, inf)")
+    guidance: float = option(1.0, "Classifier-free guidance scale (LCM-LoRA: 1.0-2.0).", bounds="[0, inf)")
+    resolution: int | None = option(
+        None, "Generated image side in pixels; default: the model's.", bounds="[8, inf)"
+    )
     negative_prompt: str = option("", "Negative prompt (ignored at guidance <= 1).")
-    store_size: int | None = option(256, "Short side of stored images in pixels; null keeps full size.")
-    jpeg_quality: int = option(95, "JPEG quality of stored images.")
-    batch_size: int = option(8, "Images generated at once per GPU.")
-    shard_size: int = option(1000, "Images per output shard.")
-    precision: str = option("auto", "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
+    store_size: int | None = option(
+        256, "Short side of stored images in pixels; null keeps full size.", bounds="[1, inf)"
+    )
+    jpeg_quality: int = option(95, "JPEG quality of stored images.", bounds="[1, 100]")
+    batch_size: int = option(8, "Images generated at once per GPU.", bounds="[1, inf)")
+    shard_size: int = option(1000, "Images per output shard.", bounds="[1, inf)")
+    precision: str = option(
+        "auto", "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.", choices=PRECISIONS
+    )
     vae: str | None = option(None, "Replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix); null: the model's.")
     compile: bool = option(False, "torch.compile the UNet.", hashed=False)
     safety_checker: bool = option(False, "Keep the pipeline's safety checker (off by default).")
@@ -92,38 +142,57 @@ class DistillConfig:
     )
     student: str = option("tiny_vit_5m_224", "timm model name, or 'tiny'.")
     student_pretrained: bool = option(False, "Start the student from timm's pretrained weights.")
-    head: str = option("linear", "Projection head to the teacher's embedding size: 'linear' or 'mlp'.")
+    head: str = option(
+        "linear",
+        "Projection head to the teacher's embedding size: 'linear' or 'mlp'.",
+        choices=("linear", "mlp"),
+    )
     loss: str = option("fd", "Loss name (fd, vl, mpc) or weighted sum such as 'fd:1,vl:0.5'.")
-    fd_variant: str = option("l2", "Feature distillation distance: l2 (normalised), cosine or mse.")
+    fd_variant: str = option(
+        "l2",
+        "Feature distillation distance: l2 (normalised), cosine or mse.",
+        choices=("l2", "cosine", "mse"),
+    )
     learnable_temperature: bool = option(False, "vl/mpc: learn the temperature instead of the teacher's.")
-    epochs: int = option(96, "Passes over the synthetic images.")
-    batch_size: int = option(256, "Global batch size (split across ranks).")
-    lr: float = option(5e-4, "AdamW learning rate.")
-    weight_decay: float = option(0.1, "AdamW weight decay.")
-    schedule: str = option("constant", "Learning-rate schedule: constant or cosine.")
-    warmup_steps: int = option(0, "Linear warm-up steps.")
-    grad_clip: float | None = option(1.0, "Gradient-norm clipping; null disables.")
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")
+    epochs: int = option(96, "Passes over the synthetic images.", bounds="[1, inf)")
+    batch_size: int = option(256, "Global batch size (split across ranks).", bounds="[1, inf)")
+    lr: float = option(5e-4, "AdamW learning rate.", bounds="(0, inf)")
+    weight_decay: float = option(0.1, "AdamW weight decay.", bounds="[0, inf)")
+    schedule: str = option(
+        "constant", "Learning-rate schedule: constant or cosine.", choices=("constant", "cosine")
+    )
+    warmup_steps: int = option(0, "Linear warm-up steps.", bounds="[0, inf)")
+    grad_clip: float | None = option(1.0, "Gradient-norm clipping; null disables.", bounds="(0, inf)")
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.", choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the student.", hashed=False)
-    workers: int = option(4, "Data-loader worker processes per rank.", hashed=False)
-    aug_scale_min: float = option(0.9, "Smallest RandomResizedCrop area (CLIP training uses 0.9).")
+    workers: int = option(4, "Data-loader worker processes per rank.", hashed=False, bounds="[0, inf)")
+    aug_scale_min: float = option(
+        0.9, "Smallest RandomResizedCrop area (CLIP training uses 0.9).", bounds="(0, 1]"
+    )
     cache_teacher: bool = option(
         True, "Embed fixed augmented views once with the teacher and replay them (not for train_data)."
     )
-    cache_views: int = option(8, "Augmented views per image in the teacher cache.")
+    cache_views: int = option(8, "Augmented views per image in the teacher cache.", bounds="[1, inf)")
     cache_dtype: str = option(
-        "fp16", "Storage of cached teacher features: fp16 (half the disk) or fp32 (exact)."
+        "fp16",
+        "Storage of cached teacher features: fp16 (half the disk) or fp32 (exact).",
+        choices=("fp16", "fp32"),
     )
-    checkpoint_every: int = option(500, "Steps between checkpoints.", hashed=False)
-    log_every: int = option(10, "Steps between log lines.", hashed=False)
-    image_size: int | None = option(None, "Student input size; default: the timm model's.")
+    checkpoint_every: int = option(500, "Steps between checkpoints.", hashed=False, bounds="[1, inf)")
+    log_every: int = option(10, "Steps between log lines.", hashed=False, bounds="[1, inf)")
+    image_size: int | None = option(None, "Student input size; default: the timm model's.", bounds="[1, inf)")
     train_data: str | None = option(
         None, "Train on other data than the run's shards: WebDataset URLs, a shard folder or imagenet:DIR."
     )
-    train_num_samples: int | None = option(None, "Samples per epoch of train_data (all ranks together).")
+    train_num_samples: int | None = option(
+        None, "Samples per epoch of train_data (all ranks together).", bounds="[1, inf)"
+    )
     resampled: bool = option(False, "train_data: draw shards with replacement (epoch = train_num_samples).")
     shuffle_buffer: int = option(
-        5000, "train_data: samples in each data-loader worker's shuffle buffer.", hashed=False
+        5000,
+        "train_data: samples in each data-loader worker's shuffle buffer.",
+        hashed=False,
+        bounds="[0, inf)",
     )
 
 
@@ -134,12 +203,14 @@ class EvaluateConfig:
     datasets: list[str] = option([], "Registry datasets to evaluate on; default: the recipe's dataset.")
     data_root: str = option("data", "Folder holding the real test sets (see README for the layout).")
     image_folder: str | None = option(None, "An ImageFolder-style test set instead of registry datasets.")
-    batch_size: int = option(128, "Images per batch.")
-    workers: int = option(4, "Data-loader worker processes.", hashed=False)
+    batch_size: int = option(128, "Images per batch.", bounds="[1, inf)")
+    workers: int = option(4, "Data-loader worker processes.", hashed=False, bounds="[0, inf)")
     download: bool = option(False, "Let torchvision download missing test sets.")
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.", choices=PRECISIONS)
     with_teacher: bool = option(True, "Also evaluate the teacher on the same images.")
-    max_images: int | None = option(None, "Evaluate at most this many images per dataset (quick checks).")
+    max_images: int | None = option(
+        None, "Evaluate at most this many images per dataset (quick checks).", bounds="[1, inf)"
+    )
     head_cache: str | None = option(
         None, "Folder caching zero-shot heads; default <out>/zero_shot_heads.", hashed=False
     )
@@ -149,12 +220,16 @@ class EvaluateConfig:
 class ExportConfig:
     """Stage 5: the student plus its zero-shot head as one deployable model."""
 
-    formats: list[str] = option(["onnx"], "Any of onnx, torchscript, open_clip.")
-    opset: int = option(18, "ONNX opset (>= 18, what torch's ONNX exporter writes).")
-    atol: float = option(1e-4, "Largest allowed difference between exported and PyTorch outputs.")
+    formats: list[str] = option(
+        ["onnx"], "Any of onnx, torchscript, open_clip.", choices=("onnx", "torchscript", "open_clip")
+    )
+    opset: int = option(18, "ONNX opset (>= 18, what torch's ONNX exporter writes).", bounds="[18, inf)")
+    atol: float = option(
+        1e-4, "Largest allowed difference between exported and PyTorch outputs.", bounds="(0, inf)"
+    )
     bench: bool = option(True, "Measure CPU latency of student and teacher for the model card.")
     bench_repeats: int = option(
-        5, "Timed runs per latency measurement (the median is reported).", hashed=False
+        5, "Timed runs per latency measurement (the median is reported).", hashed=False, bounds="[1, inf)"
     )
 
 
@@ -336,39 +411,22 @@ def load_recipe(
 
 
 def validate(recipe: RecipeConfig) -> None:
-    """Cross-field checks that a type alone cannot express."""
-    choices = {
-        "prompts.generator": (recipe.prompts.generator, ("template", "llm")),
-        "generate.scheduler": (recipe.generate.scheduler, ("lcm", "default")),
-        "distill.head": (recipe.distill.head, ("linear", "mlp")),
-        "distill.fd_variant": (recipe.distill.fd_variant, ("l2", "cosine", "mse")),
-        "distill.schedule": (recipe.distill.schedule, ("constant", "cosine")),
-        "generate.precision": (recipe.generate.precision, PRECISIONS),
-        "distill.precision": (recipe.distill.precision, PRECISIONS),
-        "evaluate.precision": (recipe.evaluate.precision, PRECISIONS),
-        "distill.cache_dtype": (recipe.distill.cache_dtype, ("fp16", "fp32")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got '{value}'.")
-    positive = {
-        "prompts.per_class": recipe.prompts.per_class,
-        "generate.steps": recipe.generate.steps,
-        "generate.batch_size": recipe.generate.batch_size,
-        "generate.shard_size": recipe.generate.shard_size,
-        "distill.epochs": recipe.distill.epochs,
-        "distill.batch_size": recipe.distill.batch_size,
-        "distill.cache_views": recipe.distill.cache_views,
-        "evaluate.batch_size": recipe.evaluate.batch_size,
-    }
-    for key, value in positive.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"'{key}' must be a positive number; got {value}.")
-    bad_formats = set(recipe.export.formats) - {"onnx", "torchscript", "open_clip"}
-    if bad_formats:
-        raise ConfigError(
-            f"'export.formats' has unknown {sorted(bad_formats)}; use onnx, torchscript, open_clip."
-        )
+    """Every key's choices and range (from its field's metadata), then cross-field checks.
+
+    Runs before any model loads, so a bad value never costs a model download or a teacher cache.
+    """
+    for section in STAGES:
+        config = getattr(recipe, section)
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            key = f"{section}.{f.name}"
+            choices = f.metadata.get("choices")
+            if choices and value is not None:
+                for item in value if isinstance(value, list) else [value]:
+                    if item not in choices:
+                        raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got '{item}'.")
+            if f.metadata.get("bounds") and value is not None:
+                check_bounds(key, value, f.metadata["bounds"])
     if recipe.classes_file is None and recipe.dataset is None:
         raise ConfigError("A recipe needs a 'dataset' from the registry or a 'classes_file'.")
 
