@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -9,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from synthdistill.errors import SynthdistillError
 
 
 def temporary_name(path: Path) -> Path:
@@ -48,3 +51,38 @@ def atomic_write_json(path: str | Path, value: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold the advisory lock file ``path`` so that two processes never write the same output.
+
+    ``wait=False`` refuses at once with one sentence when another process holds it; ``wait=True``
+    blocks until it is free. The lock file is removed on release (the inode check makes that safe
+    against a process that opened the old file meanwhile), so a finished run leaves none behind;
+    a killed holder's lock is released by the kernel.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise SynthdistillError(
+                f"Another process is writing {what} in {path.parent}; wait for it to finish (or stop it) "
+                "and run the command again."
+            ) from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)  # the holder before us removed this file: lock the new one
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
