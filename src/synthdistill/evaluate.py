@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from synthdistill.config import EvaluateConfig, config_hash
+from synthdistill.config import EvaluateConfig
 from synthdistill.errors import SynthdistillError
 from synthdistill.eval_data import (
     TestSet,
@@ -29,11 +29,11 @@ from synthdistill.eval_data import (
     registry_test_set,
     validation_transform,
 )
-from synthdistill.fileio import atomic_path, atomic_write_json, atomic_write_text
+from synthdistill.fileio import atomic_write_json, atomic_write_text
 from synthdistill.registry import Domain
 from synthdistill.runtime import autocast, autocast_dtype, resolve_device
 from synthdistill.student import Student, load_student
-from synthdistill.teacher import Teacher, load_teacher
+from synthdistill.teacher import Teacher, cached_zero_shot_head, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -182,31 +182,9 @@ class EvaluationResults:
         return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 
-def _teacher_key(teacher: Teacher) -> str:
-    """The teacher's identity, plus size and mtime when its weights are a local file (a cache key)."""
-    path = Path(teacher.pretrained) if teacher.pretrained else None
-    if path is not None and path.is_file():
-        stat = path.stat()
-        return f"{teacher.identity}:{stat.st_size}:{stat.st_mtime_ns}"
-    return teacher.identity
-
-
 def zero_shot_head(teacher: Teacher, test_set: TestSet, cache_dir: Path) -> torch.Tensor:
-    """The teacher's (D, C) head for a test set's class names and templates, computed once in fp32
-    and cached as ``<cache_dir>/<dataset>-<hash of teacher, dataset, classes, templates>.safetensors``."""
-    from safetensors.torch import load_file, save_file
-
-    key = config_hash(
-        _teacher_key(teacher), test_set.name, list(test_set.classnames), list(test_set.templates)
-    )
-    path = Path(cache_dir) / f"{test_set.name}-{key}.safetensors"
-    if path.is_file():
-        head = load_file(str(path))["head"]
-    else:
-        head = teacher.build_zero_shot_head(test_set.classnames, test_set.templates).float().cpu()
-        with atomic_path(path) as tmp:
-            save_file({"head": head.contiguous()}, str(tmp), metadata={"teacher": teacher.identity})
-    return head.to(teacher.device)
+    """The teacher's (D, C) head for a test set's class names and templates (cached on disk)."""
+    return cached_zero_shot_head(teacher, test_set.classnames, test_set.templates, cache_dir, test_set.name)
 
 
 @dataclass

@@ -78,6 +78,43 @@ class Teacher:
         return F.normalize(embeddings.mean(dim=1), dim=-1).T.contiguous()
 
 
+def _teacher_key(teacher: Teacher) -> str:
+    """The teacher's identity, plus size and mtime when its weights are a local file (a cache key)."""
+    path = Path(teacher.pretrained) if teacher.pretrained else None
+    if path is not None and path.is_file():
+        stat = path.stat()
+        return f"{teacher.identity}:{stat.st_size}:{stat.st_mtime_ns}"
+    return teacher.identity
+
+
+def cached_zero_shot_head(
+    teacher: Teacher,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    cache_dir: str | Path | None,
+    label: str = "head",
+) -> torch.Tensor:
+    """The teacher's (D, C) unit-norm zero-shot head, computed once in fp32 per (teacher, classes,
+    templates) and kept as ``<cache_dir>/<label>-<key>.safetensors``; evaluate, export and predict
+    all take their head from here, so they classify alike. ``cache_dir=None``: not cached."""
+    from safetensors.torch import load_file, save_file
+
+    from synthdistill.config import config_hash
+    from synthdistill.fileio import atomic_path
+
+    if cache_dir is None:
+        return teacher.build_zero_shot_head(classnames, templates).float()
+    key = config_hash(_teacher_key(teacher), label, list(classnames), list(templates))
+    path = Path(cache_dir) / f"{label}-{key}.safetensors"
+    if path.is_file():
+        head = load_file(str(path))["head"]
+    else:
+        head = teacher.build_zero_shot_head(classnames, templates).float().cpu()
+        with atomic_path(path) as tmp:
+            save_file({"head": head.contiguous()}, str(tmp), metadata={"teacher": teacher.identity})
+    return head.to(teacher.device)
+
+
 def _preprocessing_of(model: torch.nn.Module) -> Preprocessing:
     cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", {}) or {}
     size = cfg.get("size", getattr(model.visual, "image_size", 224))
