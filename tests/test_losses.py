@@ -196,3 +196,11 @@ def test_loss_spec_parsing_and_errors():
             parse_loss_spec(spec)
     with pytest.raises(SynthdistillError, match="fd variant"):
         loss("fd", fd_variant="l1")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "100.5", "nan"])
+def test_logit_scale_outside_clips_range_is_refused_before_any_model_loads(value):
+    from synthdistill.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match=r"'distill.logit_scale' must be in \(0, 100\]"):
+        load_recipe(overrides=[f"distill.logit_scale={value}"])
