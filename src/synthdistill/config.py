@@ -141,17 +141,22 @@ class DistillConfig:
         "datacomp_xl_s13b_b90k", "open_clip pretrained tag or local file."
     )
     student: str = option("tiny_vit_5m_224", "timm model name, or 'tiny'.")
-    student_pretrained: bool = option(False, "Start the student from timm's pretrained weights.")
+    student_pretrained: bool | str = option(
+        False,
+        "Start the student from timm's weights: true (timm's default tag), a tag of the student's "
+        "architecture (dist_in22k or tiny_vit_11m_224.dist_in22k), or a local weights file.",
+    )
     head: str = option(
         "linear",
         "Projection head to the teacher's embedding size: 'linear' or 'mlp'.",
         choices=("linear", "mlp"),
     )
-    loss: str = option("fd", "Loss name (fd, vl, mpc) or weighted sum such as 'fd:1,vl:0.5'.")
+    loss: str = option("fd", "Loss name (fd, vl, mpc, i2i) or weighted sum such as 'fd:0.5,vl:0.5'.")
     fd_variant: str = option(
-        "l2",
-        "Feature distillation distance: l2 (normalised), cosine or mse.",
-        choices=("l2", "cosine", "mse"),
+        "distance",
+        "Feature distillation: distance (||s - t|| of normalised embeddings, the authors'), squared "
+        "(2 - 2 cos; l2 is its old name), cosine or mse (unnormalised).",
+        choices=("distance", "squared", "cosine", "mse", "l2"),
     )
     learnable_temperature: bool = option(False, "vl/mpc: learn the temperature instead of the teacher's.")
     epochs: int = option(96, "Passes over the synthetic images.", bounds="[1, inf)")
@@ -193,6 +198,17 @@ class DistillConfig:
         "train_data: samples in each data-loader worker's shuffle buffer.",
         hashed=False,
         bounds="[0, inf)",
+    )
+    logit_scale: float | None = option(
+        None,
+        "vl/mpc/i2i: 1/temperature (the start value if learnable); null: the teacher's (the authors' "
+        "ablation: 1.0).",
+        bounds="(0, 100]",
+    )
+    init: str | None = option(
+        None,
+        "Start the student (backbone and head) from a student folder (runs/<name>/student) or a "
+        "checkpoint folder (runs/<name>/checkpoints/step-N); null: random or student_pretrained.",
     )
 
 
@@ -429,6 +445,11 @@ def validate(recipe: RecipeConfig) -> None:
                 check_bounds(key, value, f.metadata["bounds"])
     if recipe.classes_file is None and recipe.dataset is None:
         raise ConfigError("A recipe needs a 'dataset' from the registry or a 'classes_file'.")
+    if recipe.distill.init is not None and recipe.distill.student_pretrained is not False:
+        raise ConfigError(
+            "distill.init and distill.student_pretrained both choose the student's start weights; "
+            "set distill.student_pretrained=false to start from distill.init, or distill.init=null."
+        )
 
 
 def to_dict(config: Any) -> dict:

@@ -148,6 +148,16 @@ def _check_known(name: str, pretrained: str | None) -> None:
             )
 
 
+def teacher_embed_dim(name: str) -> int | None:
+    """The teacher's embedding width from its open_clip model config, without loading it (None for
+    a model open_clip does not know by name, e.g. a local path): lets the student's settings be
+    checked before any model loads."""
+    import open_clip
+
+    config = open_clip.get_model_config(register_tiny_clip_config() if is_tiny(name) else name)
+    return int(config["embed_dim"]) if config and "embed_dim" in config else None
+
+
 def load_teacher(
     name: str = "ViT-B-32",
     pretrained: str | None = "datacomp_xl_s13b_b90k",
