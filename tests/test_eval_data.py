@@ -11,7 +11,7 @@ import torchvision.transforms as T
 
 from conftest import random_image
 from synthdistill.errors import SynthdistillError
-from synthdistill.eval_data import (
+from synthdistill.evaluate.test_sets import (
     image_folder_test_set,
     make_loader,
     registry_test_set,
@@ -307,7 +307,7 @@ def test_loader_batches_carry_one_tensor_per_transform(tmp_path):
 
 
 def test_a_runs_own_shards_are_a_synthetic_test_set_with_unreadable_images_counted(tmp_path):
-    from synthdistill.eval_data import image_folder_test_set, make_loader
+    from synthdistill.evaluate.test_sets import image_folder_test_set, make_loader
     from synthdistill.shards import ShardWriter, encode_sample, shard_name
 
     domain = domain_from_classes(["robin", "owl"], "bird")

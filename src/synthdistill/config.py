@@ -202,6 +202,13 @@ class EvaluateConfig:
 
     datasets: list[str] = option([], "Registry datasets to evaluate on; default: the recipe's dataset.")
     data_root: str = option("data", "Folder holding the real test sets (see README for the layout).")
+    protocols: list[str] = option(
+        ["clip_benchmark"],
+        "Zero-shot protocols, each reported: clip_benchmark (published tables: template ensemble, each "
+        "model's own preprocessing, DataComp headline) and/or paper (the authors': one template, one "
+        "shared bilinear crop, fp32, top-1).",
+        choices=("clip_benchmark", "paper"),
+    )
     image_folder: str | None = option(None, "An ImageFolder-style test set instead of registry datasets.")
     batch_size: int = option(128, "Images per batch.", bounds="[1, inf)")
     workers: int = option(4, "Data-loader worker processes.", hashed=False, bounds="[0, inf)")
