@@ -256,3 +256,18 @@ def test_naming_the_students_teacher_keeps_its_pretrained_weights():
     assert _teacher_name(student, None, "ViT-B-32", None) == ("ViT-B-32", "datacomp_xl_s13b_b90k")
     assert _teacher_name(student, None, "ViT-B-32", "laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
     assert _teacher_name(student, None, "ViT-B-16", None) == ("ViT-B-16", None)
+
+
+def test_cli_image_folder_takes_the_named_classes_or_its_own_folders(tmp_path, write_shards):
+    write_shards(tmp_path / "shards", 6)  # class indices 0-2, labels within Pets' 37 classes
+    common = ["--teacher-only", "--teacher", "tiny", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
+    shards = ["--image-folder", str(tmp_path / "shards"), "--out", str(tmp_path / "shards-eval")]
+    main(["evaluate", *common, *shards, "--dataset", "pets"])
+    (entry,) = json.loads((tmp_path / "shards-eval" / "results.json").read_text())["entries"]
+    assert (entry["dataset"], entry["num_classes"], entry["n_images"]) == ("pets (synthetic)", 37, 6)
+
+    write_folder(tmp_path / "animals", {"red_fox": 1, "grey_wolf": 2})
+    folder = ["--set", f"evaluate.image_folder={tmp_path / 'animals'}", "--out", str(tmp_path / "folder")]
+    main(["evaluate", *common, *folder])  # the recipe's image folder, no classes named: its folders'
+    (entry,) = json.loads((tmp_path / "folder" / "results.json").read_text())["entries"]
+    assert (entry["dataset"], entry["num_classes"], entry["n_images"]) == ("animals", 2, 3)
