@@ -247,3 +247,12 @@ def test_validation_top1_on_a_fake_test_set_and_none_when_it_is_missing(tmp_path
     assert missing is None
     (record,) = [r for r in caplog.records if "flowers102" in r.getMessage()]
     assert "Validation on 'flowers102' skipped" in record.getMessage()
+
+
+def test_the_paper_recipes_evaluate_with_both_protocols():
+    from synthdistill.config import load_recipe
+    from synthdistill.registry import list_datasets
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in [*list_datasets(), "datacomp_medium", "imagenet", "synthci30m"]:
+        assert load_recipe(configs / f"{name}.yaml").evaluate.protocols == ["clip_benchmark", "paper"], name
