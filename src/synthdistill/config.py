@@ -213,7 +213,12 @@ class EvaluateConfig:
     batch_size: int = option(128, "Images per batch.", bounds="[1, inf)")
     workers: int = option(4, "Data-loader worker processes.", hashed=False, bounds="[0, inf)")
     download: bool = option(False, "Let torchvision download missing test sets.")
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.", choices=PRECISIONS)
+    precision: str = option(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16: autocast over CLIP_benchmark's scope in the "
+        "clip_benchmark protocol (the paper protocol is always fp32).",
+        choices=PRECISIONS,
+    )
     with_teacher: bool = option(True, "Also evaluate the teacher on the same images.")
     max_images: int | None = option(
         None, "Evaluate at most this many images per dataset (quick checks).", bounds="[1, inf)"

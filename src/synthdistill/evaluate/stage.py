@@ -165,23 +165,21 @@ def _teacher_name(
 
 
 def _encoders(
-    setup: ProtocolSetup, teacher: Teacher | None, student: Student | None
+    setup: ProtocolSetup, teacher: Teacher, student: Student | None, runs_teacher: bool
 ) -> tuple[list[Encoder], list[Callable]]:
     """The models to run and the loader's transforms: one shared tensor (paper), or each model's own
-    validation preprocessing, read once when student and teacher share it (clip_benchmark)."""
+    validation preprocessing (a student without one has its teacher's), read once when student and
+    teacher share it (clip_benchmark)."""
+    student_pre = (student.config.preprocessing or teacher.preprocessing) if student is not None else None
     if setup.shared_preprocessing is not None:
-        shared = setup.shared_preprocessing
-        transforms, teacher_pre, student_pre = [validation_transform(shared)], shared, shared
+        teacher_pre = student_pre = setup.shared_preprocessing
+        transforms = [validation_transform(setup.shared_preprocessing)]
     else:
-        transforms, teacher_pre = [], teacher.preprocessing if teacher is not None else None
-        if teacher is not None:
-            transforms.append(teacher.preprocess_val)
-        student_pre = (student.config.preprocessing or teacher_pre) if student is not None else None
-        if student is not None and (teacher is None or student_pre != teacher_pre):
+        teacher_pre = teacher.preprocessing
+        transforms = [teacher.preprocess_val] if runs_teacher else []
+        if student is not None and (not runs_teacher or student_pre != teacher_pre):
             transforms.append(validation_transform(student_pre))
-    encoders = []
-    if teacher is not None:
-        encoders.append(Encoder("teacher", teacher.model.encode_image, 0, teacher_pre))
+    encoders = [Encoder("teacher", teacher.model.encode_image, 0, teacher_pre)] if runs_teacher else []
     if student is not None:
         encoders.append(Encoder("student", student.forward_features, len(transforms) - 1, student_pre))
     return encoders, transforms
@@ -287,7 +285,7 @@ def evaluate(
             head = cached_zero_shot_head(
                 teacher_model, test_set.classnames, setup.templates, cache_dir, test_set.name, setup.amp_dtype
             )
-            encoders, transforms = _encoders(setup, teacher_model if runs_teacher else None, student)
+            encoders, transforms = _encoders(setup, teacher_model, student, runs_teacher)
             outputs = zero_shot_pass(
                 test_set,
                 head,
