@@ -218,11 +218,23 @@ class EvaluateConfig:
 
     datasets: list[str] = option([], "Registry datasets to evaluate on; default: the recipe's dataset.")
     data_root: str = option("data", "Folder holding the real test sets (see README for the layout).")
+    protocols: list[str] = option(
+        ["clip_benchmark"],
+        "Zero-shot protocols, each reported: clip_benchmark (published tables: template ensemble, each "
+        "model's own preprocessing, DataComp headline) and/or paper (the authors': one template, one "
+        "shared bilinear crop, fp32, top-1).",
+        choices=("clip_benchmark", "paper"),
+    )
     image_folder: str | None = option(None, "An ImageFolder-style test set instead of registry datasets.")
     batch_size: int = option(128, "Images per batch.", bounds="[1, inf)")
     workers: int = option(4, "Data-loader worker processes.", hashed=False, bounds="[0, inf)")
     download: bool = option(False, "Let torchvision download missing test sets.")
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.", choices=PRECISIONS)
+    precision: str = option(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16: autocast over CLIP_benchmark's scope in the "
+        "clip_benchmark protocol (the paper protocol is always fp32).",
+        choices=PRECISIONS,
+    )
     with_teacher: bool = option(True, "Also evaluate the teacher on the same images.")
     max_images: int | None = option(
         None, "Evaluate at most this many images per dataset (quick checks).", bounds="[1, inf)"
