@@ -155,6 +155,7 @@ def test_tiny_llm_runs_end_to_end_with_fallbacks_counted(tmp_path, capsys):
         assert all(x["prompt"].startswith(f"A photo of a {name}++++ (") for x in rows)
 
 
+@pytest.mark.slow  # two subprocesses that import torch
 def test_a_sigkilled_paper_run_resumes_by_round(tmp_path):
     domain, config = resume_setup()
     reference = tmp_path / "reference" / "prompts.jsonl"

@@ -193,14 +193,15 @@ def _check_inputs(domain: Domain, config: PromptsConfig, per_class: int, options
 def _design_records(
     domain: Domain,
     generator: str,
+    weighted: bool,
     design: str,
     per_class: int,
     seed: int,
     options_of: Callable[[int], dict[str, tuple[str, ...] | list[str]]],
     superclass_of: Callable[[int], str],
 ) -> list[PromptRecord]:
-    """Each class's option combinations (the design) as records; weighted template prompts for
-    ``paper``/``template``, the unweighted wording otherwise (the ``llm`` generator's fallback)."""
+    """Each class's option combinations (the design) as records: the weighted template prompt, or the
+    unweighted wording (the ``llm`` generator's fallback)."""
     records = []
     for class_index, classname in enumerate(domain.classnames):
         options, superclass = options_of(class_index), superclass_of(class_index)
@@ -209,7 +210,7 @@ def _design_records(
         combinations = choose_combinations(design, [len(options[n]) for n in names], per_class, rng)
         for prompt_index, combination in enumerate(combinations):
             chosen = {n: options[n][i] for n, i in zip(names, combination, strict=True)}
-            if generator in WEIGHTED:
+            if weighted:
                 clip_rng = random.Random(derive_seed(seed, "clip template", class_index, prompt_index))
                 prompt = fill_template(
                     domain.prompt_template,
@@ -290,7 +291,7 @@ def write_prompts(
     elif generator == "template":
         registry_options = {d: o[:options_per_dimension] for d, o in domain.contextual_dimensions.items()}
         records = _design_records(
-            domain, generator, design, per_class, seed, lambda _: registry_options, registry_superclass
+            domain, generator, True, design, per_class, seed, lambda _: registry_options, registry_superclass
         )
     else:
         chat = chat_model or load_chat_model(config.llm, device, config.llm_batch_size)
@@ -313,6 +314,7 @@ def write_prompts(
             records = _design_records(
                 domain,
                 generator,
+                True,
                 design,
                 per_class,
                 seed,
@@ -330,7 +332,8 @@ def write_prompts(
             def build(dimensions_of: Callable[[str], dict[str, tuple[str, ...]]]) -> list[PromptRecord]:
                 return _design_records(
                     domain,
-                    generator,
+                    "template",
+                    False,
                     design,
                     per_class,
                     seed,
@@ -349,13 +352,9 @@ def write_prompts(
                 progress,
                 build,
             )
-            for record in records:
-                if record.generator != "llm":
-                    record.generator = "template"
             summary_extra.update(option_answers=option_counts, prompt_answers=prompt_counts)
-    shortened = 0
+    shortened, weighted = 0, generator in WEIGHTED
     for record in records:
-        weighted = record.generator in WEIGHTED
         fitted = budget.fit_weighted(record.prompt) if weighted else budget.shorten(record.prompt)
         shortened += fitted != record.prompt
         record.prompt = fitted
