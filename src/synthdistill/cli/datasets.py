@@ -52,7 +52,7 @@ def show_command(args: argparse.Namespace) -> None:
         f"\ndomain word: {domain.domain_word or '-'}    options per dimension: {domain.options_per_dimension}"
     )
     print(f"prompt template: {domain.prompt_template}")
-    print("\ncontextual dimensions (question; fallback options):")
+    print("\ncontextual dimensions: (LLM question, then the registry's options)")
     for number, (dimension, options) in enumerate(domain.contextual_dimensions.items(), start=1):
         question = domain.dimension_questions.get(dimension, "-")
         print(f"  d{number} {dimension}: {question}\n     {'; '.join(options)}")
