@@ -4,7 +4,6 @@ limit, bad input, and our ``llm`` scene-sentence generator (the ``paper`` genera
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import random
@@ -13,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+from prompt_checks import read_lines, uncovered_pairs
 from synthdistill.cli import main
 from synthdistill.config import PromptsConfig
 from synthdistill.errors import SynthdistillError
@@ -33,10 +33,6 @@ from synthdistill.runtime import derive_seed
 FIELDS = {"class_index", "class_name", "prompt", "seed", "options", "generator", "superclass"}
 
 
-def read_lines(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def small_domain(dimensions: dict[str, tuple[str, ...]], classnames=("robin", "blue jay")) -> Domain:
     placeholders = ", ".join(f"{{d{i + 1}}}" for i in range(len(dimensions)))
     return Domain(
@@ -49,22 +45,6 @@ def small_domain(dimensions: dict[str, tuple[str, ...]], classnames=("robin", "b
         images_per_class=4,
         prompt_template="A photo of a {c}++++ , " + placeholders,
     )
-
-
-def uncovered_pairs(lines: list[dict], options: dict[str, tuple[str, ...]]) -> list:
-    """Pairs of options of two different dimensions that no line holds (independent of allpairspy)."""
-    seen = {
-        (a, line["options"][a], b, line["options"][b])
-        for line in lines
-        for a, b in itertools.combinations(options, 2)
-    }
-    return [
-        (a, x, b, y)
-        for a, b in itertools.combinations(options, 2)
-        for x in options[a]
-        for y in options[b]
-        if (a, x, b, y) not in seen
-    ]
 
 
 @pytest.fixture(scope="module")

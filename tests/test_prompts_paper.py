@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from paper_chat import PaperChat, SeededChat, option_text, resume_setup
+from prompt_checks import read_lines, uncovered_pairs
 from synthdistill.cli import main
 from synthdistill.config import PromptsConfig
 from synthdistill.prompts import progress_path, write_prompts
@@ -20,26 +20,6 @@ from synthdistill.registry import get_dataset
 
 PETS3 = dataclasses.replace(get_dataset("pets"), classnames=("Abyssinian", "Beagle", "Pug"))
 DIMENSIONS = list(PETS3.contextual_dimensions)
-
-
-def read_lines(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def uncovered_pairs(lines: list[dict], options: dict[str, list[str]]) -> list:
-    """Pairs of options of two different dimensions that no line holds (independent of allpairspy)."""
-    seen = {
-        (a, line["options"][a], b, line["options"][b])
-        for line in lines
-        for a, b in itertools.combinations(options, 2)
-    }
-    return [
-        (a, x, b, y)
-        for a, b in itertools.combinations(options, 2)
-        for x in options[a]
-        for y in options[b]
-        if (a, x, b, y) not in seen
-    ]
 
 
 class ScriptedChat(PaperChat):
