@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -125,9 +126,19 @@ def test_tiny_llm_runs_end_to_end_with_fallbacks_counted(tmp_path, capsys):
     text = capsys.readouterr().out
     lines = read_lines(out)
     assert len(lines) == 37 * 30 and Counter(x["class_name"] for x in lines)["Beagle"] == 30
-    assert "LLM usage: " in text and "options filled in from the registry: " in text
-    fallback = int(text.split("options filled in from the registry: ")[1].split()[0])
-    assert fallback >= 0.9 * 37 * 4 * 5  # mostly gibberish: nearly all filled in
+    numbers = {
+        what: tuple(
+            int(n)
+            for n in re.search(rf"LLM {what}: (\d+) used, (\d+) repaired on retry, (\d+)", text).groups()
+        )
+        for what in ("superclasses", "option lists")
+    }
+    assert sum(numbers["superclasses"]) == 37 and sum(numbers["option lists"]) == 37 * 4  # one round of 5
+    used, repaired, replaced = numbers["option lists"]
+    assert replaced >= 0.9 * 37 * 4  # gibberish: nearly every list is filled in from the registry
+    assert f"options filled in from the registry: {5 * replaced}\n" in text
+    retried = 37 * 4 - used + 37 - numbers["superclasses"][0]  # one retry each (llm_retries=1)
+    assert f"LLM usage: {37 + 37 * 4 + retried:,} conversations" in text
     for name in ("Beagle", "Pug"):
         rows = [x for x in lines if x["class_name"] == name]
         options = {d: sorted({x["options"][d] for x in rows}) for d in DIMENSIONS}

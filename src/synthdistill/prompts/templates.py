@@ -72,6 +72,12 @@ def _top_level_commas(prompt: str) -> list[int]:
     return positions
 
 
+def first_part(prompt: str) -> str:
+    """A weighted prompt up to its first top-level comma: the part :meth:`TokenBudget.fit_weighted` keeps."""
+    cuts = _top_level_commas(prompt)
+    return prompt[: cuts[0]].rstrip() if cuts else prompt
+
+
 class TokenBudget:
     """Prompt length in CLIP BPE tokens (open_clip's tokenizer; start and end tokens count too)."""
 
@@ -104,11 +110,10 @@ class TokenBudget:
         alone (class and its weights, never cut) when nothing shorter fits."""
         if self.fits(prompt):
             return prompt
-        cuts = _top_level_commas(prompt)
-        for cut in reversed(cuts):
+        for cut in reversed(_top_level_commas(prompt)):
             if self.fits(prompt[:cut]):
                 return prompt[:cut].rstrip()
-        return prompt[: cuts[0]].rstrip() if cuts else prompt
+        return first_part(prompt)
 
 
 @lru_cache(maxsize=1)

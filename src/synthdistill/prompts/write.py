@@ -43,6 +43,7 @@ from synthdistill.prompts.templates import (
     TokenBudget,
     compose_prompt,
     fill_template,
+    first_part,
     subject_phrase,
 )
 from synthdistill.registry import Domain
@@ -141,7 +142,7 @@ def _first_part(domain: Domain, generator: str, classname: str) -> str:
     prompt = fill_template(
         domain.prompt_template, classname, domain.superclass_of(classname), options, domain.templates
     )
-    return prompt.split(", ")[0]
+    return first_part(prompt)
 
 
 def _check_inputs(domain: Domain, config: PromptsConfig, options_per_dimension: int) -> None:
