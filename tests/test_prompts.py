@@ -610,3 +610,17 @@ def test_parse_description_finds_the_sentence_naming_the_class():
 )
 def test_parse_superclass(text, superclass):
     assert parse_superclass(text, "Beagle") == superclass
+
+
+def test_whole_phrase_weighting_is_an_option_that_changes_only_the_syntax(tmp_path):
+    domain = dataclasses.replace(get_dataset("pets"), classnames=("American Pit Bull Terrier", "Pug"))
+    literal, grouped = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_prompts(domain, PromptsConfig(), literal)
+    write_prompts(domain, PromptsConfig(weight_whole_phrases=True), grouped)
+    pairs = list(zip(read_lines(literal), read_lines(grouped), strict=True))
+    for a, b in pairs:
+        assert a["options"] == b["options"] and strip_weighting(a["prompt"]) == strip_weighting(b["prompt"])
+    a, b = pairs[0]
+    assert a["prompt"].startswith("A photo of a American Pit Bull Terrier++++ (dog++, pet), ")
+    assert b["prompt"].startswith("A photo of a (American Pit Bull Terrier)++++ (dog++, pet), ")
+    assert pairs[-1][0]["prompt"] == pairs[-1][1]["prompt"]  # one-word class and unweighted options

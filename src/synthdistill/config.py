@@ -123,6 +123,11 @@ class PromptsConfig:
         "paper: how often an answer that does not parse is asked again before the registry fills in.",
         bounds="[0, inf)",
     )
+    weight_whole_phrases: bool = option(
+        False,
+        "Ours: weight a multi-word class or option as a phrase, '(Pit Bull Terrier)++++'; false: as the "
+        "authors' templates, where Compel up-weights the last word only.",
+    )
     max_prompt_tokens: int = option(
         77,
         "Prompts longer than this (text-encoder tokens, weighting syntax not counted) are shortened.",

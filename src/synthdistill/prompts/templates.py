@@ -16,7 +16,7 @@ from functools import lru_cache
 
 CLIP_CONTEXT_LENGTH = 77
 
-_PLACEHOLDER = re.compile(r"\{(c|s|clip|d[1-9])\}")
+_PLACEHOLDER = re.compile(r"\{(c|s|clip|d[1-9])\}([+-]*)")
 _WEIGHT_SUFFIX = re.compile(r"(?<=[^\s(,])[+-]+(?=[\s,)]|$)")
 _PHRASE_WEIGHT = re.compile(r"\)\s*\d*\.?\d+")
 # Subject-like dimensions come right after the subject, framing ones last (the ``llm`` generator's
@@ -46,19 +46,25 @@ def fill_template(
     options: list[str],
     clip_templates: tuple[str, ...] = (),
     rng: random.Random | None = None,
+    whole_phrases: bool = False,
 ) -> str:
     """The template with its placeholders filled; ``{clip}`` takes one of ``clip_templates`` from ``rng``
-    (its final full stop dropped, so that weighting after it applies to the class)."""
+    (its final full stop dropped, so that weighting after it applies to the class).
+
+    Compel weights only the word before a ``+``/``-``, so 'Pit Bull Terrier++++' up-weights 'Terrier'
+    alone, as the authors' templates do. ``whole_phrases`` writes '(Pit Bull Terrier)++++' instead,
+    for every multi-word value (but ``{clip}``) that carries a weight.
+    """
 
     def value(match: re.Match) -> str:
-        name = match.group(1)
-        if name == "c":
-            return classname
-        if name == "s":
-            return superclass
+        name, weight = match.groups()
         if name == "clip":
-            return (rng or random.Random(0)).choice(clip_templates).replace("{c}", classname).rstrip(". ")
-        return options[int(name[1:]) - 1]
+            filled = (rng or random.Random(0)).choice(clip_templates).replace("{c}", classname).rstrip(". ")
+            return filled + weight
+        text = {"c": classname, "s": superclass}.get(name) or options[int(name[1:]) - 1]
+        if whole_phrases and weight and " " in text:
+            return f"({text}){weight}"
+        return text + weight
 
     return _PLACEHOLDER.sub(value, template)
 

@@ -132,7 +132,7 @@ def _option_counts(domain: Domain, generator: str, options_per_dimension: int) -
     return [options_per_dimension] * len(domain.contextual_dimensions)
 
 
-def _first_part(domain: Domain, generator: str, classname: str) -> str:
+def _first_part(domain: Domain, generator: str, classname: str, whole_phrases: bool) -> str:
     """The part of a class's prompt that is never cut (for the class-name length check)."""
     if generator == "plain":
         return domain.plain_prompt.replace("{c}", classname)
@@ -140,7 +140,12 @@ def _first_part(domain: Domain, generator: str, classname: str) -> str:
         return subject_phrase(domain.templates, classname, domain.superclass_of(classname))
     options = [o[0] for o in domain.contextual_dimensions.values()]
     prompt = fill_template(
-        domain.prompt_template, classname, domain.superclass_of(classname), options, domain.templates
+        domain.prompt_template,
+        classname,
+        domain.superclass_of(classname),
+        options,
+        domain.templates,
+        whole_phrases=whole_phrases,
     )
     return first_part(prompt)
 
@@ -182,6 +187,7 @@ def _design_records(
     domain: Domain,
     generator: str,
     weighted: bool,
+    whole_phrases: bool,
     design: str,
     per_class: int,
     seed: int,
@@ -207,6 +213,7 @@ def _design_records(
                     list(chosen.values()),
                     domain.templates,
                     clip_rng,
+                    whole_phrases,
                 )
             else:
                 prompt = compose_prompt(subject_phrase(domain.templates, classname, superclass), chosen)
@@ -263,7 +270,7 @@ def write_prompts(
     _check_inputs(domain, config, options_per_dimension)
     budget = TokenBudget(config.max_prompt_tokens)
     for classname in domain.classnames:
-        if not budget.fits(_first_part(domain, config.generator, classname)):
+        if not budget.fits(_first_part(domain, config.generator, classname, config.weight_whole_phrases)):
             raise SynthdistillError(
                 f"Class name '{classname}' is too long for a {config.max_prompt_tokens}-token prompt; "
                 "shorten it in the class file."
@@ -279,7 +286,15 @@ def write_prompts(
     elif generator == "template":
         registry_options = {d: o[:options_per_dimension] for d, o in domain.contextual_dimensions.items()}
         records = _design_records(
-            domain, generator, True, design, per_class, seed, lambda _: registry_options, registry_superclass
+            domain,
+            generator,
+            True,
+            config.weight_whole_phrases,
+            design,
+            per_class,
+            seed,
+            lambda _: registry_options,
+            registry_superclass,
         )
     else:
         chat = chat_model or load_chat_model(config.llm, device, config.llm_batch_size)
@@ -303,6 +318,7 @@ def write_prompts(
                 domain,
                 generator,
                 True,
+                config.weight_whole_phrases,
                 design,
                 per_class,
                 seed,
@@ -321,6 +337,7 @@ def write_prompts(
                 return _design_records(
                     domain,
                     "template",
+                    False,
                     False,
                     design,
                     per_class,
