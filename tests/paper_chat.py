@@ -28,9 +28,10 @@ class PaperChat:
         self.patterns = []
         for dimension, question in domain.dimension_questions.items():
             pattern = re.escape(question).replace(re.escape("{c}"), "(?P<c>.+?)")
-            pattern = pattern.replace(re.escape("{s}"), ".+?").replace(
-                re.escape("{domain}"), domain.domain_word
-            )
+            if domain.domain_word is None:
+                pattern = pattern.replace(re.escape(" ({domain})"), "")
+            pattern = pattern.replace(re.escape("{s}"), ".+?")
+            pattern = pattern.replace(re.escape("{domain}"), domain.domain_word or "")
             self.patterns.append((dimension, re.compile(pattern)))
 
     def count_tokens(self, text: str) -> int:

@@ -169,3 +169,21 @@ def test_a_sigkilled_paper_run_resumes_by_round(tmp_path):
         assert out.read_bytes() == reference.read_bytes()
         assert {**summary, "path": None} == {**expected_summary, "path": None}
         assert list(out.parent.iterdir()) == [out]
+
+
+def test_food_names_the_llm_superclass_and_imagenet_asks_none(tmp_path):
+    config = PromptsConfig(generator="paper", options_per_dimension=5)
+    food = dataclasses.replace(get_dataset("food101"), classnames=("apple pie", "ramen"))
+    chat = PaperChat(food)
+    chat.superclass_answer = lambda classname, n, seed: {"apple pie": "Dessert", "ramen": "Soup"}[classname]
+    write_prompts(food, config, tmp_path / "food.jsonl", chat_model=chat)
+    assert "How could a ramen (soup, food) be served in a photo? Answer with 6" in " ".join(chat.requests)
+    assert {x["superclass"] for x in read_lines(tmp_path / "food.jsonl")} == {"dessert", "soup"}
+    imagenet = dataclasses.replace(get_dataset("imagenet100"), classnames=("tabby cat", "goldfish"))
+    chat = PaperChat(imagenet)
+    summary = write_prompts(imagenet, config, tmp_path / "imagenet.jsonl", chat_model=chat)
+    assert summary.superclass_answers is None and [size for size, _ in chat.calls] == [8]
+    assert chat.requests[0].startswith("Where could a photo of a tabby cat be taken? Answer with 6 numbered")
+    lines = read_lines(tmp_path / "imagenet.jsonl")
+    assert len(lines) == 2 * 30 and all(x["options"]["location"].startswith("near ") for x in lines)
+    assert all(x["prompt"].split("++++ , ")[1] == ", ".join(x["options"].values()) for x in lines)

@@ -305,7 +305,6 @@ class LLMProgress:
                 f.write(json.dumps({"key": self.key}) + "\n")
                 self._has_header = True
             f.write(json.dumps({"unit": unit, "parsed": parsed}) + "\n")
-            f.flush()
         self.done[unit] = parsed
 
 

@@ -174,12 +174,7 @@ def ask_paper_options(
             progress,
         )
         result.usage.add(usage)
-        for field_name in ("used", "repaired", "replaced"):
-            setattr(
-                result.option_answers,
-                field_name,
-                getattr(result.option_answers, field_name) + getattr(counts, field_name),
-            )
+        result.option_answers.add(counts)
         start = round_index * OPTIONS_PER_ANSWER
         kept = min(OPTIONS_PER_ANSWER, options_per_dimension - start)
         for (ci, d), found in zip(keys, lists, strict=True):

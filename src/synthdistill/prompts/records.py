@@ -31,6 +31,11 @@ class AnswerCounts:
     def total(self) -> int:
         return self.used + self.repaired + self.replaced
 
+    def add(self, other: AnswerCounts) -> None:
+        self.used += other.used
+        self.repaired += other.repaired
+        self.replaced += other.replaced
+
 
 @dataclass
 class LLMUsage:
