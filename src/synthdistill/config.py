@@ -80,24 +80,58 @@ class PromptsConfig:
     """Stage 1: class names become text prompts."""
 
     generator: str = option(
-        "template", "'template' (combinatorial, no model) or 'llm'.", choices=("template", "llm")
+        "template",
+        "'paper' (LLM superclass and options per class, PAPER.md), 'template' (the paper's templates with "
+        "the registry's options, no model), 'plain' ('a photo of a <class>', no diversity) or 'llm' "
+        "(ours: LLM scene sentences).",
+        choices=("paper", "template", "plain", "llm"),
+    )
+    design: str = option(
+        "allpairs",
+        "Option combinations: 'allpairs' (every pair of options of two dimensions once or more; the "
+        "prompt count per class is the design's size) or 'random' (per_class random combinations).",
+        choices=("allpairs", "random"),
     )
     per_class: int | None = option(
-        None, "Prompts (= images) per class; default: the dataset's count.", bounds="[1, inf)"
+        None,
+        "Prompts (= images) per class with design=random or generator=plain; default: the dataset's count.",
+        bounds="[1, inf)",
+    )
+    options_per_dimension: int | None = option(
+        None,
+        "Options per contextual dimension (15 -> 265 all-pairs prompts, 30 -> 1011); default: the dataset's.",
+        bounds="[1, inf)",
     )
     llm: str = option(
         "meta-llama/Llama-2-7b-chat-hf", "Instruction-tuned LLM: hub id, local folder or 'tiny'."
     )
     llm_batch_size: int = option(8, "Conversations generated at once by the LLM.", bounds="[1, inf)")
-    llm_max_new_tokens: int = option(256, "Longest LLM answer, in tokens.", bounds="[1, inf)")
-    options_per_dimension: int = option(
-        10, "Options the LLM is asked for per contextual dimension.", bounds="[1, inf)"
+    llm_max_new_tokens: int | None = option(
+        None,
+        "Longest LLM answer in tokens; default: 128 (paper: option lists; its superclass: 32), 256 (llm).",
+        bounds="[1, inf)",
     )
-    llm_temperature: float = option(
-        0.0, "0: greedy LLM decoding; above 0: seeded sampling (retries sample).", bounds="[0, inf)"
+    llm_temperature: float | None = option(
+        None, "LLM sampling temperature (0: greedy); default: 0.7 for paper, 0 for llm.", bounds="[0, inf)"
+    )
+    llm_top_k: int | None = option(
+        None, "Top-k sampling (0: off); default: 50 for paper, off for llm.", bounds="[0, inf)"
+    )
+    llm_top_p: float | None = option(None, "Top-p sampling; default: 0.95.", bounds="(0, 1]")
+    llm_retries: int = option(
+        5,
+        "paper: how often an answer that does not parse is asked again before the registry fills in.",
+        bounds="[0, inf)",
+    )
+    weight_whole_phrases: bool = option(
+        False,
+        "Ours: weight a multi-word class or option as a phrase, '(Pit Bull Terrier)++++'; false: as the "
+        "authors' templates, where Compel up-weights the last word only.",
     )
     max_prompt_tokens: int = option(
-        77, "Prompts longer than this (text-encoder tokens) are shortened.", bounds="[1, inf)"
+        77,
+        "Prompts longer than this (text-encoder tokens, weighting syntax not counted) are shortened.",
+        bounds="[8, 77]",
     )
 
 
