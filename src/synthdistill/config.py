@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import re
 import types
@@ -122,7 +120,9 @@ class GenerateConfig:
         256, "Short side of stored images in pixels; null keeps full size.", bounds="[1, inf)"
     )
     jpeg_quality: int = option(95, "JPEG quality of stored images.", bounds="[1, 100]")
-    batch_size: int = option(8, "Images generated at once per GPU.", bounds="[1, inf)")
+    batch_size: int = option(
+        8, "Images generated at once per GPU (each image has its own seed).", hashed=False, bounds="[1, inf)"
+    )
     shard_size: int = option(1000, "Images per output shard.", bounds="[1, inf)")
     precision: str = option(
         "auto", "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.", choices=PRECISIONS
@@ -190,8 +190,7 @@ class DistillConfig:
     resampled: bool = option(False, "train_data: draw shards with replacement (epoch = train_num_samples).")
     shuffle_buffer: int = option(
         5000,
-        "train_data: samples in each data-loader worker's shuffle buffer.",
-        hashed=False,
+        "train_data: samples in each data-loader worker's shuffle buffer (it sets the sample order).",
         bounds="[0, inf)",
     )
 
@@ -203,10 +202,15 @@ class EvaluateConfig:
     datasets: list[str] = option([], "Registry datasets to evaluate on; default: the recipe's dataset.")
     data_root: str = option("data", "Folder holding the real test sets (see README for the layout).")
     image_folder: str | None = option(None, "An ImageFolder-style test set instead of registry datasets.")
-    batch_size: int = option(128, "Images per batch.", bounds="[1, inf)")
+    batch_size: int = option(128, "Images per batch.", hashed=False, bounds="[1, inf)")
     workers: int = option(4, "Data-loader worker processes.", hashed=False, bounds="[0, inf)")
-    download: bool = option(False, "Let torchvision download missing test sets.")
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.", choices=PRECISIONS)
+    download: bool = option(False, "Let torchvision download missing test sets.", hashed=False)
+    precision: str = option(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16; recorded in results.json.",
+        hashed=False,
+        choices=PRECISIONS,
+    )
     with_teacher: bool = option(True, "Also evaluate the teacher on the same images.")
     max_images: int | None = option(
         None, "Evaluate at most this many images per dataset (quick checks).", bounds="[1, inf)"
@@ -440,14 +444,15 @@ def dump_recipe(recipe: RecipeConfig) -> str:
 
 
 def hashed_settings(config: Any) -> dict:
-    """A stage config's fields that decide its outputs (those not marked ``hashed=False``)."""
+    """A stage config's result settings: the fields not marked ``hashed=False`` (speed-only).
+    :mod:`synthdistill.identity` builds every output's identity from these."""
     return {
         f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("hashed", True)
     }
 
 
 def config_hash(*parts: Any) -> str:
-    """A short stable hash of configs (dataclasses or plain values), for the run manifest and caches."""
-    plain = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
-    text = json.dumps(plain, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    """A short stable hash of configs (dataclasses or plain values): :func:`synthdistill.identity.digest`."""
+    from synthdistill.identity import digest
+
+    return digest(*parts)
