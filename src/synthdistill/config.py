@@ -37,16 +37,28 @@ def option(
     hashed: bool = True,
     choices: tuple[str, ...] | None = None,
     bounds: str | None = None,
+    multiple_of: int | None = None,
+    ordered_pair: bool = False,
 ) -> Any:
     """A dataclass field with a default and a one-line help text (shown by ``--help`` and docs).
 
     ``hashed=False`` marks a setting that changes how fast a stage runs but not what it produces
-    (workers, logging, compilation): changing it never invalidates outputs or checkpoints.
+    (workers, logging, compilation): changing it never invalidates outputs or checkpoints (see
+    :mod:`synthdistill.identity`, the one reader of this mark).
     ``choices`` lists the accepted strings; ``bounds`` is an interval such as ``"(0, inf)"``,
-    ``"[0, inf)"`` or ``"[1, 100]"`` that every number (and every item of a list) must lie in.
-    Both are checked by :func:`validate` before any model loads.
+    ``"[0, inf)"`` or ``"[1, 100]"`` that every number (and every item of a list) must lie in;
+    ``multiple_of`` asks every number to be a multiple of it; ``ordered_pair`` makes a list a range
+    ``[low, high]``: two numbers, ``low <= high``. All are checked by :func:`validate` before any
+    model loads.
     """
-    metadata = {"help": help, "hashed": hashed, "choices": choices, "bounds": bounds}
+    metadata = {
+        "help": help,
+        "hashed": hashed,
+        "choices": choices,
+        "bounds": bounds,
+        "multiple_of": multiple_of,
+        "ordered_pair": ordered_pair,
+    }
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -71,6 +83,25 @@ def check_bounds(key: str, value: Any, bounds: str) -> None:
         inside = inside and (number < high if high_open else number <= high)
         if not inside:
             raise ConfigError(f"'{key}' must be in {bounds} (finite); got {value}.")
+
+
+def check_field(key: str, value: Any, metadata: Any) -> None:
+    """Refuse ``value`` for the field ``key`` unless it meets what the field declares (:func:`option`)."""
+    if value is None:
+        return
+    items = value if isinstance(value, list | tuple) else [value]
+    choices = metadata.get("choices")
+    if choices:
+        for item in items:
+            if item not in choices:
+                raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got '{item}'.")
+    if metadata.get("bounds"):
+        check_bounds(key, value, metadata["bounds"])
+    multiple = metadata.get("multiple_of")
+    if multiple and any(item % multiple for item in items):
+        raise ConfigError(f"'{key}' must be a multiple of {multiple}; got {value}.")
+    if metadata.get("ordered_pair") and not (len(items) == 2 and items[0] <= items[1]):
+        raise ConfigError(f"'{key}' must be a range [low, high] with low <= high; got {value}.")
 
 
 @dataclass
@@ -113,7 +144,7 @@ class GenerateConfig:
     steps: int = option(4, "Denoising steps.", bounds="[1, inf)")
     guidance: float = option(1.0, "Classifier-free guidance scale (LCM-LoRA: 1.0-2.0).", bounds="[0, inf)")
     resolution: int | None = option(
-        None, "Generated image side in pixels; default: the model's.", bounds="[8, inf)"
+        None, "Generated image side in pixels; default: the model's.", bounds="[8, inf)", multiple_of=8
     )
     negative_prompt: str = option("", "Negative prompt (ignored at guidance <= 1).")
     store_size: int | None = option(
@@ -246,7 +277,7 @@ class RecipeConfig:
     dataset: str | None = option("pets", "Registry dataset that names the classes (see `datasets list`).")
     classes_file: str | None = option(None, "A user class list (one per line) instead of a registry dataset.")
     superclass: str | None = option(None, "Superclass word for a user class list (e.g. 'bird').")
-    seed: int = option(0, "Run seed; every image seed and data order derives from it.")
+    seed: int = option(0, "Run seed; every image seed and data order derives from it.", bounds="[0, inf)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -419,20 +450,19 @@ def validate(recipe: RecipeConfig) -> None:
 
     Runs before any model loads, so a bad value never costs a model download or a teacher cache.
     """
-    for section in STAGES:
-        config = getattr(recipe, section)
+    sections = {"": recipe} | {f"{section}.": getattr(recipe, section) for section in STAGES}
+    for prefix, config in sections.items():
         for f in dataclasses.fields(config):
-            value = getattr(config, f.name)
-            key = f"{section}.{f.name}"
-            choices = f.metadata.get("choices")
-            if choices and value is not None:
-                for item in value if isinstance(value, list) else [value]:
-                    if item not in choices:
-                        raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got '{item}'.")
-            if f.metadata.get("bounds") and value is not None:
-                check_bounds(key, value, f.metadata["bounds"])
+            if f.name not in STAGES:
+                check_field(f"{prefix}{f.name}", getattr(config, f.name), f.metadata)
     if recipe.classes_file is None and recipe.dataset is None:
         raise ConfigError("A recipe needs a 'dataset' from the registry or a 'classes_file'.")
+    distill = recipe.distill
+    if distill.resampled and not (distill.train_data and distill.train_num_samples):
+        raise ConfigError(
+            "'distill.resampled' draws shards of 'distill.train_data' until 'distill.train_num_samples' "
+            "samples make an epoch; set both, or resampled=false."
+        )
 
 
 def to_dict(config: Any) -> dict:
