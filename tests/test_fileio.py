@@ -139,3 +139,16 @@ def test_a_temporary_folder_is_removed_on_a_full_disk_and_other_errors_stay_as_t
         tmp.write_bytes(b"x")
         raise PermissionError(errno.EACCES, "Permission denied")
     assert list(target.parent.iterdir()) == []
+
+
+def test_a_file_s_folder_can_be_cleaned_without_its_subfolders(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    suffix = f"tmp-{socket.gethostname()}-{int(dead.stdout)}"
+    here, below = tmp_path / f".prompts.jsonl.{suffix}", tmp_path / "sub" / f".other.{suffix}"
+    below.parent.mkdir()
+    here.write_bytes(b"x")
+    below.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path, recursive=False) == [here]
+    assert below.exists()

@@ -142,15 +142,18 @@ def _remove_if_unheld(lock: Path) -> bool:
         os.close(fd)
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Remove, under ``folder`` (recursively), the temporaries and lock files that killed writers
-    left behind; returns what was removed. Temporaries of a live writer are left alone, so this is
-    safe to call while other processes write into the same folder. A missing folder is fine."""
+def remove_stale_temporaries(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Remove, in ``folder`` (and its subfolders unless ``recursive=False``, for a file's folder that
+    is not the stage's own), the temporaries and lock files that killed writers left behind; returns
+    what was removed. Temporaries of a live writer are left alone, so this is safe to call while
+    other processes write into the same folder. A missing folder is fine."""
     folder = Path(folder)
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for root, dirs, files in os.walk(folder):
+        if not recursive and Path(root) != folder:
+            break
         here = Path(root)
         for name in list(dirs):
             if is_stale_temporary(here / name):

@@ -115,7 +115,10 @@ class RunDir:
                 elif path.exists():
                     path.unlink()
         for path in self.stage_outputs(stage):
-            remove_stale(path if path.is_dir() else path.parent)
+            if path.is_dir():
+                remove_stale(path)
+            else:  # a file of the run's root: the root's own temporaries, not the other stages'
+                remove_stale(path.parent, recursive=False)
         self._write_record(stage, {"config_hash": identity, "status": "running", "started": time.time()})
         return False
 
