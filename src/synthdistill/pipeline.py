@@ -180,7 +180,8 @@ def run_pipeline(
     run = RunDir(recipe.run_path)
     selected = _stage_range(start_from, until)
     device = resolve_device(recipe.device, env)
-    identities = stage_identities(recipe, domain, device.type)
+    # rank 0 alone decides and records; the others would hash local weights for nothing
+    identities = stage_identities(recipe, domain, device.type) if env.is_main else {}
     if env.is_distributed:
         init_distributed(env, device)
     group = waiting_group(env)
