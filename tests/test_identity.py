@@ -272,3 +272,30 @@ def test_digest_is_stable_and_refuses_values_without_a_stable_text():
     assert identity.digest(Path("x")) == identity.digest("x")
     with pytest.raises(TypeError, match="no stable identity"):
         identity.digest(object())
+
+
+def test_a_safetensors_file_counts_by_its_tensors_and_metadata_not_its_header_order(tmp_path):
+    import json
+    import struct
+
+    data = b"\x00" * 8
+    headers = [
+        {
+            "__metadata__": {"format": "pt", "synthdistill": "student"},
+            "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        },
+        {
+            "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "__metadata__": {"synthdistill": "student", "format": "pt"},
+        },
+    ]
+    paths = []
+    for index, header in enumerate(headers):
+        text = json.dumps(header).encode("utf-8")
+        paths.append(tmp_path / f"model{index}.safetensors")
+        paths[-1].write_bytes(struct.pack("<Q", len(text)) + text + data)
+    assert paths[0].read_bytes() != paths[1].read_bytes()
+    assert identity.file_digest(paths[0]) == identity.file_digest(paths[1])
+    text = json.dumps(headers[0]).encode("utf-8")
+    write(paths[1], struct.pack("<Q", len(text)) + text + b"\x01" * 8, 2_000_000_000)
+    assert identity.file_digest(paths[0]) != identity.file_digest(paths[1])

@@ -67,15 +67,37 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _safetensors_header(f: Any, file_size: int) -> dict | None:
+    """The parsed header of an open safetensors file (positioned after it), or None (and back at
+    the start) when the file is not one."""
+    size = int.from_bytes(f.read(8), "little")
+    if 0 < size <= file_size - 8:
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            header = None
+        if isinstance(header, dict):
+            return header
+    f.seek(0)
+    return None
+
+
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's content, computed once per process for each (path, size, mtime): a
-    600 MB checkpoint is read once, and a file rewritten under the same name is read again."""
+    600 MB checkpoint is read once, and a file rewritten under the same name is read again.
+
+    A ``.safetensors`` header is hashed as sorted JSON: safetensors writes its metadata mapping in
+    a per-process order, so the same tensors and metadata would otherwise differ from save to save.
+    """
     path = Path(path).resolve()
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_DIGESTS:
         sha = hashlib.sha256()
         with open(path, "rb") as f:
+            header = _safetensors_header(f, stat.st_size) if path.suffix == ".safetensors" else None
+            if header is not None:
+                sha.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8"))
             for block in iter(lambda: f.read(1 << 22), b""):
                 sha.update(block)
         _FILE_DIGESTS[key] = sha.hexdigest()
