@@ -84,6 +84,31 @@ def test_choices_and_ranges_are_validated():
         "generate.jpeg_quality=0",
         "generate.jpeg_quality=101",
         "generate.guidance=-0.5",
+        "generate.resolution=4",
+        "generate.resolution=516",
+        "generate.steps=0",
+        "generate.batch_size=0",
+        "generate.shard_size=0",
+        "prompts.llm_batch_size=0",
+        "prompts.llm_max_new_tokens=0",
+        "prompts.options_per_dimension=0",
+        "prompts.llm_temperature=-0.1",
+        "prompts.max_prompt_tokens=0",
+        "distill.epochs=0",
+        "distill.batch_size=0",
+        "distill.weight_decay=-0.1",
+        "distill.warmup_steps=-1",
+        "distill.cache_views=0",
+        "distill.train_num_samples=0",
+        "distill.shuffle_buffer=-1",
+        "distill.resampled=true",
+        "evaluate.batch_size=0",
+        "evaluate.workers=-1",
+        "evaluate.max_images=0",
+        "export.opset=17",
+        "export.atol=0",
+        "export.bench_repeats=0",
+        "seed=-1",
     ],
 )
 def test_out_of_range_values_are_refused_before_any_work(override):
@@ -100,9 +125,45 @@ def test_in_range_edges_are_accepted():
             "distill.aug_scale_min=1",
             "generate.jpeg_quality=100",
             "generate.guidance=0",
+            "generate.resolution=520",
+            "distill.warmup_steps=0",
+            "distill.resampled=true",
+            "distill.train_data=/data/{000..009}.tar",
+            "distill.train_num_samples=1000",
         ],
     )
     assert recipe.distill.grad_clip is None and recipe.distill.aug_scale_min == 1.0
+    assert recipe.generate.resolution == 520 and recipe.distill.resampled
+
+
+def test_every_numeric_key_declares_its_range():
+    import dataclasses
+    import typing
+
+    from synthdistill import config
+
+    unbounded = []
+    for section in ("", *config.STAGES):
+        cls = config.RecipeConfig if not section else type(getattr(config.RecipeConfig(), section))
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            types = set(typing.get_args(hint)) or {hint}
+            if types & {int, float} and not f.metadata.get("bounds"):
+                unbounded.append(f"{section}.{f.name}".lstrip("."))
+    assert unbounded == []
+
+
+def test_a_range_key_needs_two_ordered_numbers():
+    from synthdistill.config import check_field, option
+
+    metadata = option([0.08, 1.0], "A crop's area range.", bounds="(0, 1]", ordered_pair=True).metadata
+    check_field("distill.aug_scale", [0.08, 1.0], metadata)
+    check_field("distill.aug_scale", [0.5, 0.5], metadata)
+    for bad in ([1.0, 0.08], [0.5], [0.1, 0.5, 0.9]):
+        with pytest.raises(ConfigError, match=r"distill\.aug_scale.*low <= high"):
+            check_field("distill.aug_scale", bad, metadata)
+    with pytest.raises(ConfigError, match=r"distill\.aug_scale.*\(0, 1\]"):
+        check_field("distill.aug_scale", [0.0, 1.0], metadata)
 
 
 def test_dumped_recipe_loads_back_identically(tmp_path):

@@ -4,8 +4,10 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,145 @@ def test_force_redoes_only_what_changed(tmp_path):
     assert (tmp_path / "run" / "shards" / "shard-000000.tar").stat().st_mtime_ns != first_shard
     faster = smoke_recipe(tmp_path / "run", "prompts.per_class=2", "generate.steps=1", "distill.workers=3")
     assert run_pipeline(faster, until="generate", report=False, echo=quiet).stages["generate"] == "skipped"
+
+
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder`` by relative path: its bytes and mtime."""
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_speed_only_setting_skips_finished_stages_and_force_or_from_keep_their_images(tmp_path, capsys):
+    from synthdistill.cli import main
+
+    run = tmp_path / "run"
+    command = ["run", str(SMOKE), "--run-dir", str(run), "--until", "generate", "--no-report"]
+    main(command)
+    prompts, shards = (run / "prompts.jsonl").read_bytes(), _files(run / "shards")
+    assert len([name for name in shards if name.endswith(".tar")]) == 5
+    capsys.readouterr()
+
+    faster = [*command, "--set", "generate.batch_size=3", "--set", "evaluate.batch_size=5"]
+    main(faster)
+    assert capsys.readouterr().out.count("already done under this config, skipped") == 2
+    assert _files(run / "shards") == shards  # nothing redrawn, not even touched
+
+    main([*faster, "--force"])
+    assert capsys.readouterr().out.count("already done under this config, skipped") == 2
+    assert _files(run / "shards") == shards
+
+    main([*faster, "--from", "prompts"])  # runs both stages again, over outputs that are still valid
+    assert "skipped" not in capsys.readouterr().out
+    assert (run / "prompts.jsonl").read_bytes() == prompts
+    tars = {name: kept for name, kept in shards.items() if name.endswith(".tar")}
+    assert {name: kept for name, kept in _files(run / "shards").items() if name.endswith(".tar")} == tars
+
+
+def _run_command(run: Path) -> list[str]:
+    return [sys.executable, "-m", "synthdistill", "run", str(SMOKE), "--run-dir", str(run)] + [
+        "--until", "distill", "--no-report", "--set", "distill.epochs=3"
+    ]  # fmt: skip
+
+
+def _subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _kill_when(run: Path, ready, log: Path) -> None:
+    """Start the run in a subprocess and SIGKILL it as soon as ``ready()`` (polled): no cleanup runs."""
+    with open(log, "ab") as out:
+        process = subprocess.Popen(_run_command(run), env=_subprocess_env(), stdout=out, stderr=out)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and not ready() and time.monotonic() < deadline:
+            time.sleep(0.02)  # a poll for a file of the next stage, not a wait for an outcome
+        assert process.poll() is None, f"the run ended before the kill point: {log.read_text()[-2000:]}"
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+
+
+def _relative_files(run: Path) -> set[str]:
+    return {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    """Equal bytes; for safetensors equal tensors and metadata (safetensors writes its metadata
+    mapping in a per-process hash order, so two equal files may differ in their header bytes)."""
+    if a.name == "state.pt":  # a checkpoint's state: its CPU RNG state differs after a resume (see below)
+        state_a, state_b = (torch.load(p, weights_only=True) for p in (a, b))
+        return _same_state(state_a, state_b, ignore=("rng",))
+    if a.suffix != ".safetensors":
+        return a.read_bytes() == b.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        if fa.metadata() != fb.metadata() or set(fa.keys()) != set(fb.keys()):
+            return False
+        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())  # noqa: SIM118
+
+
+def _same_state(a, b, ignore: tuple[str, ...] = ()) -> bool:
+    if isinstance(a, dict):
+        keys = set(a) - set(ignore)
+        return keys == set(b) - set(ignore) and all(_same_state(a[k], b[k]) for k in keys)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
+def _log_lines(path: Path) -> list[dict]:
+    """train_log.jsonl without its time fields (elapsed, throughput, ETA differ from run to run)."""
+    timing = {"time", "seconds", "images_per_s", "images_per_s_per_gpu", "eta_s"}
+    lines = path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def killed_and_straight_runs(tmp_path_factory):
+    """The smoke run up to distill, SIGKILLed mid-shard, once its teacher cache appeared and after
+    its first checkpoint, then rerun to the end; and the same run uninterrupted, made at the same
+    path (the run directory's path is recorded in index.json, which keys the teacher cache)."""
+    root = tmp_path_factory.mktemp("sigkill")
+    run, log = root / "run", root / "log.txt"
+    subprocess.run(_run_command(run), check=True, capture_output=True, env=_subprocess_env())
+    run.rename(root / "straight")
+    _kill_when(run, lambda: any((run / "shards").glob(".shard-00000[1-4].tar.tmp-*")), log)
+    _kill_when(run, lambda: (run / "teacher_cache").is_dir(), log)
+    _kill_when(run, lambda: any((run / "checkpoints").glob("step-*")), log)
+    finished = subprocess.run(_run_command(run), capture_output=True, text=True, env=_subprocess_env())
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return run, root / "straight"
+
+
+@pytest.mark.slow
+def test_a_run_killed_three_times_ends_with_exactly_the_files_of_an_uninterrupted_one(
+    killed_and_straight_runs,
+):
+    killed, straight = killed_and_straight_runs
+    files = _relative_files(killed)
+    assert files == _relative_files(straight)
+    assert not [f for f in files if ".tmp-" in f or f.endswith(".lock")]
+    same = ["prompts.jsonl", "student/model.safetensors", "student/config.json", "shards/index.json"]
+    same += [f for f in files if f.endswith(".tar") or f.startswith(("teacher_cache/", "checkpoints/"))]
+    assert [name for name in same if not _same_content(killed / name, straight / name)] == []
+    stages = json.loads((killed / "manifest.json").read_text())["stages"]
+    assert [stages[s]["status"] for s in ("prompts", "generate", "distill")] == ["done"] * 3
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12: a resumed train_log.jsonl repeats lines and adds a second 'start' line, and the "
+    "checkpoint's CPU RNG state differs after a resume; fixed in the training code (then remove this mark)",
+)
+def test_the_training_log_and_rng_of_the_killed_run_equal_the_uninterrupted_ones(killed_and_straight_runs):
+    killed, straight = killed_and_straight_runs
+    log = "student/train_log.jsonl"
+    assert _log_lines(killed / log) == _log_lines(straight / log)
+    (checkpoint,) = [f for f in _relative_files(killed) if f.endswith("state.pt")]
+    rng = [torch.load(run / checkpoint, weights_only=True)["rng"] for run in (killed, straight)]
+    assert _same_state(*rng)

@@ -35,8 +35,28 @@ def test_force_keeps_finished_work_whose_config_did_not_change(tmp_path):
     run.finish_stage("prompts", "h1")
     assert run.begin_stage("prompts", "h1", force=True) is True
     assert run.prompts.read_text() == "kept"
-    assert run.begin_stage("prompts", "h1", redo=True) is False
+    assert run.begin_stage("prompts", "h1", redo=True, force=True) is False  # --from: run it again...
+    assert run.prompts.read_text() == "kept"  # ... over its outputs, which are still valid
+    assert run.stage_record("prompts")["status"] == "running"
+    assert run.begin_stage("prompts", "h2", redo=True, force=True) is False
     assert not run.prompts.exists()
+
+
+def test_a_stage_starts_by_removing_what_killed_writers_left_in_its_outputs(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    run = RunDir(tmp_path / "run")
+    stale = run.shards / f".shard-000003.tar.tmp-{socket.gethostname()}-{int(dead.stdout)}"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a shard")
+    (run.shards / "shard-000000.tar").write_bytes(b"a whole shard")
+    assert run.begin_stage("generate", "h1") is False
+    assert sorted(p.name for p in run.shards.iterdir()) == ["shard-000000.tar"]
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

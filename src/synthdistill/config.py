@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import re
 import types
@@ -39,16 +37,28 @@ def option(
     hashed: bool = True,
     choices: tuple[str, ...] | None = None,
     bounds: str | None = None,
+    multiple_of: int | None = None,
+    ordered_pair: bool = False,
 ) -> Any:
     """A dataclass field with a default and a one-line help text (shown by ``--help`` and docs).
 
     ``hashed=False`` marks a setting that changes how fast a stage runs but not what it produces
-    (workers, logging, compilation): changing it never invalidates outputs or checkpoints.
+    (workers, logging, compilation): changing it never invalidates outputs or checkpoints (see
+    :mod:`synthdistill.identity`, the one reader of this mark).
     ``choices`` lists the accepted strings; ``bounds`` is an interval such as ``"(0, inf)"``,
-    ``"[0, inf)"`` or ``"[1, 100]"`` that every number (and every item of a list) must lie in.
-    Both are checked by :func:`validate` before any model loads.
+    ``"[0, inf)"`` or ``"[1, 100]"`` that every number (and every item of a list) must lie in;
+    ``multiple_of`` asks every number to be a multiple of it; ``ordered_pair`` makes a list a range
+    ``[low, high]``: two numbers, ``low <= high``. All are checked by :func:`validate` before any
+    model loads.
     """
-    metadata = {"help": help, "hashed": hashed, "choices": choices, "bounds": bounds}
+    metadata = {
+        "help": help,
+        "hashed": hashed,
+        "choices": choices,
+        "bounds": bounds,
+        "multiple_of": multiple_of,
+        "ordered_pair": ordered_pair,
+    }
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -73,6 +83,25 @@ def check_bounds(key: str, value: Any, bounds: str) -> None:
         inside = inside and (number < high if high_open else number <= high)
         if not inside:
             raise ConfigError(f"'{key}' must be in {bounds} (finite); got {value}.")
+
+
+def check_field(key: str, value: Any, metadata: Any) -> None:
+    """Refuse ``value`` for the field ``key`` unless it meets what the field declares (:func:`option`)."""
+    if value is None:
+        return
+    items = value if isinstance(value, list | tuple) else [value]
+    choices = metadata.get("choices")
+    if choices:
+        for item in items:
+            if item not in choices:
+                raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got '{item}'.")
+    if metadata.get("bounds"):
+        check_bounds(key, value, metadata["bounds"])
+    multiple = metadata.get("multiple_of")
+    if multiple and any(item % multiple for item in items):
+        raise ConfigError(f"'{key}' must be a multiple of {multiple}; got {value}.")
+    if metadata.get("ordered_pair") and not (len(items) == 2 and items[0] <= items[1]):
+        raise ConfigError(f"'{key}' must be a range [low, high] with low <= high; got {value}.")
 
 
 @dataclass
@@ -149,14 +178,16 @@ class GenerateConfig:
     steps: int = option(4, "Denoising steps.", bounds="[1, inf)")
     guidance: float = option(1.0, "Classifier-free guidance scale (LCM-LoRA: 1.0-2.0).", bounds="[0, inf)")
     resolution: int | None = option(
-        None, "Generated image side in pixels; default: the model's.", bounds="[8, inf)"
+        None, "Generated image side in pixels; default: the model's.", bounds="[8, inf)", multiple_of=8
     )
     negative_prompt: str = option("", "Negative prompt (ignored at guidance <= 1).")
     store_size: int | None = option(
         256, "Short side of stored images in pixels; null keeps full size.", bounds="[1, inf)"
     )
     jpeg_quality: int = option(95, "JPEG quality of stored images.", bounds="[1, 100]")
-    batch_size: int = option(8, "Images generated at once per GPU.", bounds="[1, inf)")
+    batch_size: int = option(
+        8, "Images generated at once per GPU (each image has its own seed).", hashed=False, bounds="[1, inf)"
+    )
     shard_size: int = option(1000, "Images per output shard.", bounds="[1, inf)")
     precision: str = option(
         "auto", "auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.", choices=PRECISIONS
@@ -229,8 +260,7 @@ class DistillConfig:
     resampled: bool = option(False, "train_data: draw shards with replacement (epoch = train_num_samples).")
     shuffle_buffer: int = option(
         5000,
-        "train_data: samples in each data-loader worker's shuffle buffer.",
-        hashed=False,
+        "train_data: samples in each data-loader worker's shuffle buffer (it sets the sample order).",
         bounds="[0, inf)",
     )
     logit_scale: float | None = option(
@@ -260,13 +290,14 @@ class EvaluateConfig:
         choices=("clip_benchmark", "paper"),
     )
     image_folder: str | None = option(None, "An ImageFolder-style test set instead of registry datasets.")
-    batch_size: int = option(128, "Images per batch.", bounds="[1, inf)")
+    batch_size: int = option(128, "Images per batch.", hashed=False, bounds="[1, inf)")
     workers: int = option(4, "Data-loader worker processes.", hashed=False, bounds="[0, inf)")
-    download: bool = option(False, "Let torchvision download missing test sets.")
+    download: bool = option(False, "Let torchvision download missing test sets.", hashed=False)
     precision: str = option(
         "auto",
         "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16: autocast over CLIP_benchmark's scope in the "
-        "clip_benchmark protocol (the paper protocol is always fp32).",
+        "clip_benchmark protocol (the paper protocol is always fp32); recorded in results.json.",
+        hashed=False,
         choices=PRECISIONS,
     )
     with_teacher: bool = option(True, "Also evaluate the teacher on the same images.")
@@ -304,7 +335,7 @@ class RecipeConfig:
     dataset: str | None = option("pets", "Registry dataset that names the classes (see `datasets list`).")
     classes_file: str | None = option(None, "A user class list (one per line) instead of a registry dataset.")
     superclass: str | None = option(None, "Superclass word for a user class list (e.g. 'bird').")
-    seed: int = option(0, "Run seed; every image seed and data order derives from it.")
+    seed: int = option(0, "Run seed; every image seed and data order derives from it.", bounds="[0, inf)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -477,24 +508,25 @@ def validate(recipe: RecipeConfig) -> None:
 
     Runs before any model loads, so a bad value never costs a model download or a teacher cache.
     """
-    for section in STAGES:
-        config = getattr(recipe, section)
+    sections = {"": recipe} | {f"{section}.": getattr(recipe, section) for section in STAGES}
+    for prefix, config in sections.items():
         for f in dataclasses.fields(config):
-            value = getattr(config, f.name)
-            key = f"{section}.{f.name}"
-            choices = f.metadata.get("choices")
-            if choices and value is not None:
-                for item in value if isinstance(value, list) else [value]:
-                    if item not in choices:
-                        raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got '{item}'.")
-            if f.metadata.get("bounds") and value is not None:
-                check_bounds(key, value, f.metadata["bounds"])
+            if f.name not in STAGES:
+                check_field(f"{prefix}{f.name}", getattr(config, f.name), f.metadata)
     if recipe.classes_file is None and recipe.dataset is None:
         raise ConfigError("A recipe needs a 'dataset' from the registry or a 'classes_file'.")
-    if recipe.distill.init is not None and recipe.distill.student_pretrained is not False:
+    if not recipe.evaluate.protocols:
+        raise ConfigError("'evaluate.protocols' needs at least one of clip_benchmark, paper.")
+    distill = recipe.distill
+    if distill.init is not None and distill.student_pretrained is not False:
         raise ConfigError(
             "distill.init and distill.student_pretrained both choose the student's start weights; "
             "set distill.student_pretrained=false to start from distill.init, or distill.init=null."
+        )
+    if distill.resampled and not (distill.train_data and distill.train_num_samples):
+        raise ConfigError(
+            "'distill.resampled' draws shards of 'distill.train_data' until 'distill.train_num_samples' "
+            "samples make an epoch; set both, or resampled=false."
         )
 
 
@@ -507,14 +539,15 @@ def dump_recipe(recipe: RecipeConfig) -> str:
 
 
 def hashed_settings(config: Any) -> dict:
-    """A stage config's fields that decide its outputs (those not marked ``hashed=False``)."""
+    """A stage config's result settings: the fields not marked ``hashed=False`` (speed-only).
+    :mod:`synthdistill.identity` builds every output's identity from these."""
     return {
         f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("hashed", True)
     }
 
 
 def config_hash(*parts: Any) -> str:
-    """A short stable hash of configs (dataclasses or plain values), for the run manifest and caches."""
-    plain = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
-    text = json.dumps(plain, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    """A short stable hash of configs (dataclasses or plain values): :func:`synthdistill.identity.digest`."""
+    from synthdistill.identity import digest
+
+    return digest(*parts)

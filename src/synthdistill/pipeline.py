@@ -1,10 +1,12 @@
 """``synthdistill run``: every stage in order over one run directory.
 
-Each stage's config hash folds in the hashes of the stages before it, so changing a prompt
-setting invalidates the images, the student and everything after; the manifest then refuses to
-mix outputs unless the run is forced from that stage. A stage recorded as running under the same
-hash is simply called again: generation skips finished shards and distillation resumes from its
-checkpoint, so a killed run finishes with the same result as an uninterrupted one.
+Each stage's identity (:mod:`synthdistill.identity`) folds in the identities of the stages before
+it, so changing a prompt setting invalidates the images, the student and everything after, while a
+speed-only setting (a batch size, workers) invalidates nothing; the manifest refuses to mix outputs
+unless the run is forced. A stage recorded as running under the same identity is simply called
+again: generation skips finished shards and distillation resumes from its checkpoint, and the
+temporaries a killed run left behind are removed first, so a killed run finishes with the same
+files as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthdistill.config import STAGES, RecipeConfig, config_hash, dump_recipe, hashed_settings
+from synthdistill import identity
+from synthdistill.config import STAGES, RecipeConfig, dump_recipe
 from synthdistill.errors import SynthdistillError
 from synthdistill.registry import Domain, resolve_domain
 from synthdistill.rundir import RunDir
@@ -35,22 +38,23 @@ class RunResult:
     report: Path | None = None
 
 
-def stage_hashes(recipe: RecipeConfig, domain: Domain) -> dict[str, str]:
-    """Each stage's hash covers its own settings and every upstream stage's hash."""
-    identity = {
-        "classnames": domain.classnames,
-        "superclass": domain.superclass,
-        "class_superclasses": domain.class_superclasses,
-        "dimensions": domain.contextual_dimensions,
-        "templates": domain.templates,
-    }
-    hashes: dict[str, str] = {}
-    hashes["prompts"] = config_hash(identity, recipe.seed, hashed_settings(recipe.prompts))
-    hashes["generate"] = config_hash(hashes["prompts"], hashed_settings(recipe.generate))
-    hashes["distill"] = config_hash(hashes["generate"], recipe.seed, hashed_settings(recipe.distill))
-    hashes["evaluate"] = config_hash(hashes["distill"], hashed_settings(recipe.evaluate))
-    hashes["export"] = config_hash(hashes["distill"], identity, hashed_settings(recipe.export))
-    return hashes
+def evaluates_own_shards(recipe: RecipeConfig, domain: Domain) -> bool:
+    """A user's own classes have no real test set: the run then evaluates on its synthetic images."""
+    return not recipe.evaluate.datasets and not recipe.evaluate.image_folder and domain.eval is None
+
+
+def stage_identities(recipe: RecipeConfig, domain: Domain, device_type: str) -> dict[str, str]:
+    """Each stage's output identity: its own result settings and every upstream stage's identity.
+    ``device_type`` ('cpu', 'cuda') resolves ``precision: auto``."""
+    ids: dict[str, str] = {}
+    ids["prompts"] = identity.prompts_identity(domain, recipe.prompts, recipe.seed, device_type)
+    ids["generate"] = identity.shards_identity(ids["prompts"], recipe.generate, device_type)
+    data = recipe.distill.train_data or ids["generate"]
+    ids["distill"] = identity.student_identity(data, recipe.distill, recipe.seed, device_type)
+    own_shards = ids["generate"] if evaluates_own_shards(recipe, domain) else None
+    ids["evaluate"] = identity.evaluation_identity(ids["distill"], recipe.evaluate, domain, own_shards)
+    ids["export"] = identity.export_identity(ids["distill"], domain, recipe.export, ids["evaluate"])
+    return ids
 
 
 def _as_dict(summary: object) -> dict:
@@ -94,8 +98,7 @@ def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[st
         from synthdistill.evaluate import evaluate as evaluate_student
 
         config = recipe.evaluate
-        if not config.datasets and not config.image_folder and domain.eval is None:
-            # no real test set for a user's own classes: report agreement on the synthetic images
+        if evaluates_own_shards(recipe, domain):
             config = dataclasses.replace(config, image_folder=str(run.shards))
         return evaluate_student(
             config, run.eval, student_dir=run.student, domain=domain, device=recipe.device
@@ -166,8 +169,9 @@ def run_pipeline(
 ) -> RunResult:
     """Run the recipe's stages in order in ``recipe.run_path``.
 
-    ``start_from`` redoes that stage and all after it (their outputs are cleared); ``until``
-    stops after a stage; ``force`` redoes the stages whose config changed (and keeps the others).
+    ``start_from`` runs that stage and all after it again; ``until`` stops after a stage;
+    ``force`` redoes the stages whose identity changed. Neither ever deletes an output whose
+    identity is unchanged: such a stage is called again over its outputs and resumes on them.
     """
     env = env or dist_env()
     if not env.is_main:
@@ -175,12 +179,15 @@ def run_pipeline(
     domain = resolve_domain(recipe.dataset, recipe.classes_file, recipe.superclass)
     run = RunDir(recipe.run_path)
     selected = _stage_range(start_from, until)
-    hashes = stage_hashes(recipe, domain)
+    device = resolve_device(recipe.device, env)
+    # rank 0 alone decides and records; the others would hash local weights for nothing
+    identities = stage_identities(recipe, domain, device.type) if env.is_main else {}
     if env.is_distributed:
-        init_distributed(env, resolve_device(recipe.device, env))
+        init_distributed(env, device)
     group = waiting_group(env)
     if env.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
+        run.remove_stale_temporaries()
         run.write_config(dump_recipe(recipe))
     runners = _stage_runners(recipe, domain, run)
     result = RunResult(run_dir=run.root)
@@ -190,7 +197,7 @@ def run_pipeline(
             continue
         redo = start_from is not None  # every selected stage comes at or after --from
         if env.is_main:
-            done = run.begin_stage(stage, hashes[stage], force=force or redo, redo=redo)
+            done = run.begin_stage(stage, identities[stage], force=force or redo, redo=redo)
         barrier(env, group)
         if not env.is_main:  # rank 0 has decided and recorded it
             done = run.stage_record(stage)["status"] == "done"
@@ -208,7 +215,7 @@ def run_pipeline(
             record = {**_as_dict(summary), "seconds": round(time.time() - started, 2)}
             if stage == "generate":  # every rank's images, not only rank 0's share
                 record["images_in_shards"] = (read_index(run.shards) or {}).get("total")
-            run.finish_stage(stage, hashes[stage], record)
+            run.finish_stage(stage, identities[stage], record)
         result.stages[stage] = "done"
     if report and env.is_main:
         from synthdistill.report import write_report

@@ -1,7 +1,8 @@
-"""The run directory and its manifest: which stage finished under which config.
+"""The run directory and its manifest: which stage finished under which identity.
 
-A rerun skips finished stages, resumes a stage that was interrupted under the same config, and
-refuses to mix outputs made under a different config unless told ``force``.
+A rerun skips finished stages, resumes a stage that was interrupted under the same identity (after
+removing the temporaries its killed writers left), and refuses to mix outputs made under another
+identity (:mod:`synthdistill.identity`) unless told ``force``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from synthdistill.errors import SynthdistillError
 from synthdistill.fileio import atomic_write_json, atomic_write_text, read_json
+from synthdistill.fileio import remove_stale_temporaries as remove_stale
 
 MANIFEST_NAME = "manifest.json"
 
@@ -76,46 +78,57 @@ class RunDir:
             "export": [self.export],
         }[stage]
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove what killed writers left anywhere in the run (temporaries, lock files)."""
+        return remove_stale(self.root)
+
     def manifest(self) -> dict:
         return read_json(self.manifest_path) if self.manifest_path.is_file() else {"stages": {}}
 
     def stage_record(self, stage: str) -> dict | None:
         return self.manifest()["stages"].get(stage)
 
-    def begin_stage(self, stage: str, config_hash: str, force: bool = False, redo: bool = False) -> bool:
+    def begin_stage(self, stage: str, identity: str, force: bool = False, redo: bool = False) -> bool:
         """Decide what to do with a stage. Returns True if it is already done (skip it).
 
-        Records the stage as running under ``config_hash`` otherwise. A record under another hash
-        is refused unless ``force``; its outputs are then cleared, as they are with ``redo`` (redo
-        the stage even though its config did not change). A stage whose config did not change is
-        never cleared by ``force`` alone: finished work under the same settings is kept.
+        Records the stage as running under ``identity`` otherwise. A record under another identity
+        is refused unless ``force`` (or ``redo``); its outputs are then cleared. ``redo`` runs a
+        stage again even though it is done; outputs whose identity did not change are never
+        cleared, by ``force`` or ``redo``: the stage is called again over them and resumes on them.
+        Temporaries that killed writers left in the stage's outputs are removed either way.
         """
         record = self.stage_record(stage)
-        changed = record is not None and record["config_hash"] != config_hash
+        changed = record is not None and record["config_hash"] != identity
         if record and not changed and not redo:
-            return record["status"] == "done"
-        if changed and not force:
+            if record["status"] == "done":
+                return True
+        elif changed and not force:
             raise SynthdistillError(
                 f"'{self.root}' holds {stage} outputs made under another config "
-                f"({record['config_hash']} vs {config_hash}); use --force to redo what changed, "
+                f"({record['config_hash']} vs {identity}); use --force to redo what changed, "
                 f"--from {stage} to redo from this stage, or another --name."
             )
-        if record or redo:
+        elif changed:
             for path in self.stage_outputs(stage):
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-        self._write_record(stage, {"config_hash": config_hash, "status": "running", "started": time.time()})
+        for path in self.stage_outputs(stage):
+            if path.is_dir():
+                remove_stale(path)
+            else:  # a file of the run's root: the root's own temporaries, not the other stages'
+                remove_stale(path.parent, recursive=False)
+        self._write_record(stage, {"config_hash": identity, "status": "running", "started": time.time()})
         return False
 
-    def finish_stage(self, stage: str, config_hash: str, summary: dict | None = None) -> None:
+    def finish_stage(self, stage: str, identity: str, summary: dict | None = None) -> None:
         record = self.stage_record(stage) or {}
         self._write_record(
             stage,
             {
                 **record,
-                "config_hash": config_hash,
+                "config_hash": identity,
                 "status": "done",
                 "finished": time.time(),
                 "summary": summary or {},

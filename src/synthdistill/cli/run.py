@@ -12,7 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run",
         help="Run prompts -> generate -> distill -> evaluate -> export from a recipe.",
         description="Run the recipe's stages in order in runs/<name>. Finished stages are skipped, an "
-        "interrupted stage resumes, and outputs made under another config are refused unless --force.",
+        "interrupted stage resumes (what a killed run left half-written is removed first), and outputs made "
+        "under other result settings are refused unless --force; speed-only settings (batch sizes, workers, "
+        "compile) never invalidate an output.",
     )
     parser.add_argument(
         "recipes", nargs="+", metavar="RECIPE.yaml", help="Recipe file(s); later files override earlier ones."
@@ -29,11 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run-dir", help="Run directory (default runs/<name>).")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N.")
     parser.add_argument("--until", choices=STAGES, help="Stop after this stage.")
-    parser.add_argument("--from", dest="start_from", choices=STAGES, help="Redo this stage and all after it.")
+    parser.add_argument(
+        "--from",
+        dest="start_from",
+        choices=STAGES,
+        help="Run this stage and all after it again; outputs whose settings did not change are kept and "
+        "resumed on, the others replaced.",
+    )
     parser.add_argument(
         "--force",
         action="store_true",
-        help="Redo stages whose config changed, replacing their outputs; unchanged finished stages are kept.",
+        help="Redo stages whose result settings changed, replacing their outputs; unchanged finished stages "
+        "are kept.",
     )
     parser.add_argument("--no-report", dest="report", action="store_false", help="Do not write the report.")
     parser.set_defaults(func=run_command)
