@@ -169,7 +169,7 @@ def test_interrupted_run_resumes_to_the_complete_duplicate_free_result(prompts_f
     out_dir, _ = reference
     with pytest.raises(KeyboardInterrupt):
         generate_images(prompts_file, tmp_path, tiny_config(), fail_after=6, device="cpu")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "shard-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "shard-000000.json", "shard-000000.tar"]
     assert read_index(tmp_path)["complete"] is False
 
     resumed = generate_images(prompts_file, tmp_path, tiny_config(), device="cpu")
