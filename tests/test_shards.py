@@ -1,4 +1,6 @@
+import errno
 import hashlib
+import io
 import json
 import tarfile
 
@@ -57,26 +59,31 @@ def test_interrupted_writer_leaves_no_shard(tmp_path, make_image):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_full_disk_while_writing_leaves_no_temporary_file(tmp_path, make_image, monkeypatch):
-    import errno
+def filling_disk(room: int):
+    """An ``open`` whose files for writing raise ENOSPC once ``room`` bytes are written in all: the
+    shard writer's real write path meeting a full disk."""
+    real_open, left = open, [room]
 
+    class FillingFile(io.FileIO):
+        def write(self, data):
+            left[0] -= len(data)
+            if left[0] < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    def opener(path, mode="r", *args, **kwargs):
+        return FillingFile(path, mode) if "w" in mode else real_open(path, mode, *args, **kwargs)
+
+    return opener
+
+
+def test_a_full_disk_while_writing_leaves_no_temporary_file(tmp_path, make_image, monkeypatch):
     from synthdistill import shards
 
-    real_open = open
-
-    class FullDisk:
-        def __init__(self, *args):
-            self._file = real_open(*args)
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self._file, name)
-
-    monkeypatch.setattr(shards, "open", FullDisk, raising=False)
+    monkeypatch.setattr(shards, "open", filling_disk(5000), raising=False)
     with pytest.raises(OSError, match="No space"), ShardWriter(tmp_path / shard_name(0)) as writer:
-        writer.write("00000000", encode_sample(make_image(0), {}))
+        for i in range(4):
+            writer.write(f"{i:08d}", encode_sample(make_image(i), {}))
     assert list(tmp_path.iterdir()) == []
 
 
