@@ -672,7 +672,7 @@ def _clear_folder(out_dir: Path) -> None:
 
 def _update_index(out_dir: Path, info: dict, shards_total: int, filtered: bool) -> bool:
     """Write index.json with the counts summed over every shard's record; returns whether every
-    shard exists.
+    shard exists and agrees with its record (count and size).
 
     Processes finish in any order and each writes the index: rewriting until the folder did not
     change during the write guarantees that the last writer lists every finished shard.
@@ -687,7 +687,7 @@ def _update_index(out_dir: Path, info: dict, shards_total: int, filtered: bool) 
         }
         if filtered:
             totals["filter"] = {k: sum(r.get("filter", {}).get(k, 0) for r in records) for k in FILTER_COUNTS}
-        complete = expected <= {p.name for p in shards}
+        complete = expected <= {p.name for p in shards if not check_shard(p)}
         write_index(out_dir, {**info, **totals, "complete": complete})
         if list_shards(out_dir) == shards:
             return complete
@@ -790,9 +790,9 @@ def generate_images(
     torch_device = resolve_device(device, env)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)  # keeps every torchrun rank's CUDA context off GPU 0
+    judge = load_filter(config, prompts, torch_device)  # small: a missing filter model fails first
     pipe = pipeline if pipeline is not None else load_text2image_pipeline(config, torch_device)
     encoder = PromptEncoder(pipe, config.prompt_weighting)
-    judge = load_filter(config, prompts, torch_device)
 
     info = {
         "prompts_file": str(prompts_file.path),
