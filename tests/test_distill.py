@@ -9,15 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from synthdistill.augment import Augmentation, ViewDataset
 from synthdistill.cli import main
 from synthdistill.config import DistillConfig
-from synthdistill.distill import LOG_NAME, ShardViewSource, distill
+from synthdistill.data.augment import EpochBatches, ViewDataset, view_loader
 from synthdistill.errors import SynthdistillError
 from synthdistill.registry import domain_from_classes, get_dataset
 from synthdistill.runtime import DistEnv
 from synthdistill.shards import ShardSamples, ShardWriter, list_shards, shard_name
 from synthdistill.student import create_student, load_student
+from synthdistill.train import LOG_NAME
+from synthdistill.train import distill_student as distill
+from synthdistill.train.sources import ShardViewSource
 
 CLASSES = ("a", "b", "c")  # what write_shards labels the images with
 
@@ -92,7 +94,7 @@ def test_cached_and_live_teacher_solve_the_same_problem(tmp_path, shards):
         "cached fp32": tiny_config(cache_teacher=True, cache_dtype="fp32"),
         "live": tiny_config(cache_teacher=False),
         "cached fp16": tiny_config(cache_teacher=True),
-        "other views": tiny_config(cache_teacher=False, aug_scale_min=0.5),
+        "other views": tiny_config(cache_teacher=False, aug_scale=[0.5, 1.0]),
     }
     for name, config in runs.items():
         summary = distill(shards, tmp_path / name / "student", config, device="cpu")
@@ -188,18 +190,18 @@ def test_contrastive_losses_train_against_the_class_texts(tmp_path, shards):
         distill(shards, tmp_path / "other", tiny_config(loss="vl"), domain=get_dataset("pets"), device="cpu")
 
 
-def test_ranks_take_disjoint_equal_shares_and_workers_change_nothing(shards, tiny_teacher):
-    dataset = ViewDataset(ShardSamples(list_shards(shards)), Augmentation(0), [tiny_teacher.preprocessing])
+def test_ranks_take_disjoint_equal_shares_and_workers_change_nothing(shards):
+    dataset = ViewDataset(ShardSamples(list_shards(shards)))
     shares = [
-        [batch.indices.tolist() for batch in ShardViewSource(dataset, 4, 0, 2, DistEnv(rank, 0, 3)).loader(1)]
+        [[i for i, _ in batch] for batch in ShardViewSource(48, 4, 0, 2, DistEnv(rank, 0, 3)).batches(1)]
         for rank in range(3)
     ]
     flat = [sorted(i for batch in share for i in batch) for share in shares]
     assert [len(f) for f in flat] == [16, 16, 16] and sorted(sum(flat, [])) == list(range(48))
-    single = ShardViewSource(dataset, 8, 0, 2, DistEnv())
-    in_process = [b.inputs[0] for b in single.loader(3, first_batch=2)]
-    single.workers = 2
-    in_workers = [b.inputs[0] for b in single.loader(3, first_batch=2)]
+    sampler = EpochBatches()
+    sampler.batches = ShardViewSource(48, 8, 0, 2, DistEnv()).batches(3, first_batch=2)
+    in_process = [b.images for b in view_loader(dataset, sampler, 0)]
+    in_workers = [b.images for b in view_loader(dataset, sampler, 2)]
     assert len(in_process) == 4 and all(
         torch.equal(a, b) for a, b in zip(in_process, in_workers, strict=True)
     )
