@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -253,3 +254,67 @@ def test_torchrun_with_two_cpu_processes_completes_and_the_loss_falls(tmp_path, 
 def test_unknown_models_and_offline_weights_are_one_sentence(tmp_path, shards, models, message):
     with pytest.raises(SynthdistillError, match=message):
         distill(shards, tmp_path / "student", tiny_config(**models), device="cpu")
+
+
+def test_decoded_and_worker_pipelines_train_bit_identical_weights(tmp_path, shards):
+    # the paper's augmentation (small crops, bilinear, flips), live teacher and cached teacher
+    paper = dict(aug_scale=[0.08, 1.0], aug_interpolation="bilinear", aug_hflip=0.5)
+    for cache_teacher in (False, True):
+        students = {}
+        for source in ("decoded", "workers"):
+            config = tiny_config(input=source, cache_teacher=cache_teacher, workers=1, epochs=1, **paper)
+            out = tmp_path / f"{source}-{cache_teacher}" / "student"
+            summary = distill(shards, out, config, device="cpu", cache_dir=tmp_path / f"cache-{source}")
+            assert summary.input == source and read_log(out)[0]["input"] == source
+            students[source] = load_file(str(out / "model.safetensors"))
+        decoded, workers = students["decoded"], students["workers"]
+        assert decoded.keys() == workers.keys() and all(torch.equal(decoded[k], workers[k]) for k in decoded)
+    assert (shards.parent / "decoded").is_dir()  # the store lives in the run directory, beside the shards
+
+
+def without_time(lines: list[dict]) -> list[dict]:
+    return [
+        {k: v for k, v in line.items() if k not in ("images_per_s", "images_per_s_per_gpu", "eta_s")}
+        for line in lines
+        if line.get("event") != "start"
+    ]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights_and_the_same_log(tmp_path, shards):
+    """A real SIGKILL of a `python -m synthdistill distill` process after its first checkpoint."""
+    args = [
+        "distill", "--shards", str(shards), "--teacher", "tiny", "--student", "tiny", "--epochs", "6",
+        "--batch-size", "8", "--lr", "2e-3", "--workers", "0", "--device", "cpu",
+        "--set", "distill.teacher_pretrained=null", "--set", "distill.cache_views=2",
+        "--set", "distill.checkpoint_every=5", "--set", "distill.log_every=1",
+    ]  # fmt: skip
+    killed = tmp_path / "killed" / "student"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "synthdistill", "-v", *args, "--out", str(killed)],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in process.stderr:  # blocks until the process says it wrote a checkpoint
+        if line.startswith("checkpoint "):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "config.json").exists()
+    (checkpoint,) = (tmp_path / "killed" / "checkpoints").iterdir()
+    logged_before = [line for line in read_log(killed) if "loss" in line]
+    assert logged_before and logged_before[-1]["step"] >= int(checkpoint.name.removeprefix("step-"))
+
+    main([*args, "--out", str(killed)])
+    straight = tmp_path / "straight" / "student"
+    main([*args, "--out", str(straight)])
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_time(read_log(killed)) == without_time(read_log(straight))
+    starts = [line for line in read_log(killed) if line.get("event") == "start"]
+    assert [s["step"] for s in starts] == [0, int(checkpoint.name.removeprefix("step-"))]

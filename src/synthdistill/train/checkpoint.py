@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch.nn as nn
 from synthdistill.config import DistillConfig, config_hash, hashed_settings
 from synthdistill.errors import SynthdistillError
 from synthdistill.fileio import temporary_name
+
+logger = logging.getLogger(__name__)
 
 
 def run_hash(config: DistillConfig, seed: int, data_id: str) -> str:
@@ -66,6 +69,7 @@ class Checkpoints:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        logger.info("checkpoint %s", final)
         for older in self.directory.glob("step-*"):
             if older != final:
                 shutil.rmtree(older)
