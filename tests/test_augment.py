@@ -99,3 +99,12 @@ def test_a_view_is_the_same_tensor_from_the_decoded_store_and_from_the_workers(
     alone = augment(store.batch([(4, 3)], cpu), PAPER, inputs)[0][0]
     beside = augment(store.batch([(4, 3), (2, 0)], cpu), PAPER, inputs)[0][0]
     assert torch.allclose(alone, beside, atol=1e-4)
+
+
+@pytest.mark.parametrize("dataset", ["aircraft", "cars", "dtd", "flowers102", "food101", "imagenet100", "pets"])
+def test_the_paper_recipes_use_the_authors_augmentation(dataset):
+    from synthdistill.config import load_recipe
+
+    distill = load_recipe(f"configs/{dataset}.yaml").distill
+    assert (distill.aug_scale, distill.aug_interpolation, distill.aug_hflip) == ([0.08, 1.0], "bilinear", 0.5)
+    assert distill.aug_ratio == pytest.approx([3 / 4, 4 / 3], abs=1e-6)
