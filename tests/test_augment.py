@@ -101,7 +101,10 @@ def test_a_view_is_the_same_tensor_from_the_decoded_store_and_from_the_workers(
     assert torch.allclose(alone, beside, atol=1e-4)
 
 
-@pytest.mark.parametrize("dataset", ["aircraft", "cars", "dtd", "flowers102", "food101", "imagenet100", "pets"])
+PAPER_RECIPES = ["aircraft", "cars", "dtd", "flowers102", "food101", "imagenet100", "pets"]
+
+
+@pytest.mark.parametrize("dataset", PAPER_RECIPES)
 def test_the_paper_recipes_use_the_authors_augmentation(dataset):
     from synthdistill.config import load_recipe
 
