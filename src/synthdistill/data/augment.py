@@ -8,8 +8,8 @@ input size, so teacher and student see the same content at their resolutions.
 
 One implementation serves every path: images arrive as uint8 (B, H, W, 3) batches (decoded once
 into :mod:`synthdistill.data.decoded`, or decoded by data-loader workers) and :func:`render_views`
-crops, flips, resizes and normalises the whole batch in one ``grid_sample`` call on the device.
-Same uint8 batch, same boxes: the same tensor, whichever path the batch came from.
+crops, resizes, flips and normalises them on the device. Same image, same box: the same tensor,
+whichever path or batch it came from.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Batch:
     views: torch.Tensor  # (B,) view indices
     labels: torch.Tensor  # (B,) class indices, -1 where the sample has none
     keys: list[str]
-    images: torch.Tensor  # (B, H, W, 3) uint8, each image at the top left, edge-padded to (H, W)
+    images: torch.Tensor  # (B, H, W, 3) uint8, each image at the top left, padded to (H, W)
     sizes: torch.Tensor  # (B, 2) each image's (height, width)
     corrupt_keys: list[str]  # samples of this batch dropped because their image did not decode
 
@@ -117,30 +117,29 @@ def render_views(
     preprocessing: Preprocessing,
     interpolation: str,
 ) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, S, S) float: crop each box, flip, resize, normalise, in one call.
+    """(B, H, W, 3) uint8 -> (B, 3, S, S) float: crop each box, resize, flip, normalise.
 
-    An affine ``grid_sample`` per box (align_corners=False: output pixel centres map to the box's
-    pixel centres, as a PIL resize of the crop); taps outside an image read its edge (the batch is
-    edge-padded), as PIL's do. No antialiasing: a crop is at most a few times the output size.
+    Each crop is resized with antialiasing, as PIL resizes (on the CPU straight from uint8, torch's
+    vectorised path, rounded to uint8 as PIL's output is; on a GPU in float, then rounded), so a view
+    depends on its image and box alone, not on the rest of the batch. Normalisation is one fused
+    multiply-add over the whole batch.
     """
-    device = images.device
-    batch, height, width = images.shape[:3]
     size = preprocessing.image_size
-    top, left, box_h, box_w = boxes.to(device=device, dtype=torch.float32).unbind(1)
-    sign = 1.0 - 2.0 * flips.to(device=device, dtype=torch.float32)
-    theta = torch.zeros(batch, 2, 3, device=device)
-    theta[:, 0, 0] = sign * box_w / width
-    theta[:, 0, 2] = (2 * left + box_w) / width - 1
-    theta[:, 1, 1] = box_h / height
-    theta[:, 1, 2] = (2 * top + box_h) / height - 1
-    grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
-    pixels = images.permute(0, 3, 1, 2).float()
-    views = F.grid_sample(pixels, grid, mode=interpolation, padding_mode="border", align_corners=False)
-    if interpolation == "bicubic":
-        views = views.clamp(0, 255)
-    mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
+    views = []
+    for image, (top, left, height, width), flip in zip(images, boxes.tolist(), flips.tolist(), strict=True):
+        crop = image[int(top) : int(top + height), int(left) : int(left + width)].permute(2, 0, 1)[None]
+        if crop.device.type != "cpu":
+            crop = crop.float()
+        view = F.interpolate(crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
+        views.append(view.flip(-1) if flip else view)
+    batch = torch.cat(views) if views else images.new_zeros((0, 3, size, size))
+    if batch.dtype != torch.uint8:
+        batch = batch.round_().clamp_(0, 255)
+    device = images.device
     std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
-    return (views / 255 - mean) / std
+    scale = 1 / (255 * std)
+    shift = -torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1) / std
+    return batch.float().mul_(scale).add_(shift)
 
 
 def augment(
@@ -152,14 +151,11 @@ def augment(
 
 
 def pad_images(images: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
-    """(h, w, 3) uint8 images -> (B, height, width, 3), each at the top left, its last row and
-    column repeated into the padding (so a resampling tap past an edge reads the edge)."""
-    out = np.empty((len(images), height, width, 3), dtype=np.uint8)
+    """(h, w, 3) uint8 images -> (B, height, width, 3), each at the top left, zeros around it (no
+    crop box reaches the padding)."""
+    out = np.zeros((len(images), height, width, 3), dtype=np.uint8)
     for slot, image in zip(out, images, strict=True):
-        h, w = image.shape[:2]
-        slot[:h, :w] = image
-        slot[:h, w:] = image[:, -1:]
-        slot[h:] = slot[h - 1 : h]
+        slot[: image.shape[0], : image.shape[1]] = image
     return out
 
 
@@ -181,7 +177,7 @@ class ViewDataset(torch.utils.data.Dataset):
 
 
 def collate_views(items: list[tuple]) -> Batch:
-    """Stack decodable images, edge-padded to the batch's largest size; name those that did not decode."""
+    """Stack decodable images, padded to the batch's largest size; name those that did not decode."""
     good = [item for item in items if item[4] is not None]
     sizes = torch.tensor([item[4].shape[:2] for item in good], dtype=torch.long).reshape(-1, 2)
     height, width = (int(v) for v in sizes.max(0).values) if len(good) else (1, 1)

@@ -1,11 +1,11 @@
 """The run's shards decoded once into one uint8 array, so no epoch decodes a JPEG again.
 
 ``images-<key>.npy`` holds (N, H, W, 3) uint8 (memory-mapped), every image at the top left of an
-H x W canvas (the largest height and width among the shards), its last row and column repeated
-into the rest; ``images-<key>.json`` holds each image's own size, label and key, and which images
-did not decode. The key names the shards' content, so other shards mean another file. Built by
-rank 0 under a lock file, written to temporary names and renamed: a store whose ``.json`` exists
-is complete.
+H x W canvas (the largest height and width among the shards; zeros around smaller images; generate
+writes one size, so there is no padding); ``images-<key>.json`` holds each image's own size,
+label and key, and which images did not decode (size 0 x 0). The key names the shards' content,
+so other shards mean another file. Built by rank 0 under a lock file, written to temporary names
+and renamed: a store whose ``.json`` exists is complete.
 """
 
 from __future__ import annotations
