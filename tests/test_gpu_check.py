@@ -27,4 +27,3 @@ def test_gpu_check_quick_runs_every_step_and_writes_the_json(tmp_path):
     assert all(step["exit_code"] == 0 and step["peak_memory_gib"] > 0 for step in report["steps"].values())
     figures = report["bench_distill"]
     assert figures["input_speedup"] > 0 and figures["rows"]["input: decoded pipeline"] > 0
-    assert "input pipeline speed-up (decoded vs workers):" in result.stdout or "written:" in result.stdout
