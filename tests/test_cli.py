@@ -50,3 +50,12 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: synthdistill" in capsys.readouterr().out
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    import synthdistill
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"synthdistill {synthdistill.__version__}"

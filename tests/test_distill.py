@@ -86,7 +86,7 @@ def test_distilled_student_agrees_with_the_teacher_on_held_out_images(
     assert agreement["trained"] >= 0.8
     assert agreement["untrained"] <= 0.5 and agreement["trained"] - agreement["untrained"] >= 0.3
     logged = losses(tmp_path / "student")
-    assert logged[-1] < logged[0] / 10
+    assert logged[-1] < logged[0] / 3  # fd's distance, the root of the squared loss (which fell tenfold)
 
 
 def test_cached_and_live_teacher_solve_the_same_problem(tmp_path, shards):

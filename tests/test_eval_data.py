@@ -11,7 +11,7 @@ import torchvision.transforms as T
 
 from conftest import random_image
 from synthdistill.errors import SynthdistillError
-from synthdistill.eval_data import (
+from synthdistill.evaluate.test_sets import (
     image_folder_test_set,
     make_loader,
     registry_test_set,
@@ -307,7 +307,7 @@ def test_loader_batches_carry_one_tensor_per_transform(tmp_path):
 
 
 def test_a_runs_own_shards_are_a_synthetic_test_set_with_unreadable_images_counted(tmp_path):
-    from synthdistill.eval_data import image_folder_test_set, make_loader
+    from synthdistill.evaluate.test_sets import image_folder_test_set, make_loader
     from synthdistill.shards import ShardWriter, encode_sample, shard_name
 
     domain = domain_from_classes(["robin", "owl"], "bird")
@@ -322,3 +322,33 @@ def test_a_runs_own_shards_are_a_synthetic_test_set_with_unreadable_images_count
     assert batches[0].labels.tolist() == [0, 1, 0, 1] and batches[0].skipped == 1
     with pytest.raises(SynthdistillError, match="needs their classes"):
         image_folder_test_set(tmp_path, None)
+
+
+def test_a_shard_sample_without_its_label_is_skipped_counted_and_named(tmp_path, caplog):
+    from synthdistill.shards import ShardWriter, encode_sample, shard_name
+
+    with ShardWriter(tmp_path / shard_name(0)) as writer:
+        writer.write("00000000", encode_sample(random_image(0), {"class_index": 1}))
+        writer.write("00000001", {"jpg": encode_sample(random_image(1), {})["jpg"]})  # no .json
+        writer.write("00000002", encode_sample(random_image(2), {"prompt": "no class_index"}))
+        writer.write("00000003", encode_sample(random_image(3), {"class_index": 0}))
+    test_set = image_folder_test_set(tmp_path, domain_from_classes(["robin", "owl"], "bird"))
+    with caplog.at_level("WARNING"):
+        assert read_labels(test_set) == ([1, 0], 2)
+    named = [r.getMessage() for r in caplog.records if "has no class_index" in r.getMessage()]
+    assert len(named) == 2
+    for key, message in zip(("00000001", "00000002"), named, strict=True):
+        assert f"Shard '{tmp_path / shard_name(0)}' sample '{key}' has no class_index" in message
+
+
+def test_a_shard_the_reader_refuses_is_named_in_one_sentence(tmp_path):
+    from synthdistill.shards import ShardWriter, encode_sample, shard_name
+
+    with ShardWriter(tmp_path / shard_name(0)) as writer:
+        writer.write("00000000", encode_sample(random_image(0), {"class_index": 0}))
+    (tmp_path / shard_name(1)).write_bytes(b"not a tar file at all" * 100)
+    with pytest.raises(SynthdistillError) as error:
+        image_folder_test_set(tmp_path, domain_from_classes(["robin", "owl"]))
+    message = str(error.value)
+    assert message.startswith(f"Synthetic test shard '{tmp_path / shard_name(1)}' cannot be read (")
+    assert message.count(". ") == 0 and message.endswith(".")

@@ -1,5 +1,6 @@
 """Stage 4: metrics, the template-ensemble head, the agreement bound, whole evaluations with tiny models."""
 
+import dataclasses
 import json
 import math
 
@@ -10,10 +11,12 @@ import torch.nn.functional as F
 from synthdistill.cli import main
 from synthdistill.config import EvaluateConfig
 from synthdistill.errors import SynthdistillError
-from synthdistill.eval_data import TestSet
-from synthdistill.evaluate import classification_scores, evaluate, guaranteed_agreement, zero_shot_head
+from synthdistill.evaluate import evaluate
+from synthdistill.evaluate.agreement import AgreementBound
+from synthdistill.evaluate.protocols import classification_scores
 from synthdistill.registry import domain_from_classes, get_dataset
-from synthdistill.student import create_student, save_student
+from synthdistill.student import create_student, load_student, save_student
+from synthdistill.teacher import cached_zero_shot_head
 from test_eval_data import write_aircraft, write_folder, write_mirror, write_pets
 
 
@@ -73,7 +76,7 @@ def test_agreement_bound_on_constructed_embeddings():
     eps = (students - teachers).norm(dim=1)
     assert eps[0] < threshold < eps[1]
     assert (students @ head).argmax(1).tolist() == [0, 0, 1]
-    assert guaranteed_agreement(students, teachers, head).tolist() == [True, False, False]
+    assert AgreementBound(head).guaranteed(students, teachers).tolist() == [True, False, False]
 
 
 def test_the_bound_never_claims_more_than_the_measured_agreement():
@@ -81,10 +84,16 @@ def test_the_bound_never_claims_more_than_the_measured_agreement():
     head = F.normalize(torch.randn(16, 10, generator=generator), dim=0)
     teachers = F.normalize(torch.randn(500, 16, generator=generator), dim=1)
     students = F.normalize(teachers + 0.1 * torch.randn(500, 16, generator=generator), dim=1)
-    guaranteed = guaranteed_agreement(students, teachers, head)
+    bound = AgreementBound(head)
+    guaranteed = bound.guaranteed(students, teachers)
     agree = (students @ head).argmax(1) == (teachers @ head).argmax(1)
     assert not (guaranteed & ~agree).any()
     assert 0 < guaranteed.sum() < agree.sum() < 500
+    assert torch.allclose(bound.class_distances, (head[:, :, None] - head[:, None, :]).norm(dim=0), atol=1e-6)
+    by_batch = torch.cat(
+        [bound.guaranteed(s, t) for s, t in zip(students.split(64), teachers.split(64), strict=True)]
+    )
+    assert torch.equal(by_batch, guaranteed)  # the distances computed once serve every batch
 
 
 def test_zero_shot_head_is_the_template_ensemble_and_is_cached(tmp_path, tiny_teacher):
@@ -92,8 +101,7 @@ def test_zero_shot_head_is_the_template_ensemble_and_is_cached(tmp_path, tiny_te
         ("red fox", "grey wolf"),
         ("a photo of a {c}.", "a {c} in the snow.", "art of a {c}."),
     )
-    test_set = TestSet("animals", "test", classes, templates, "top1", 0)
-    head = zero_shot_head(tiny_teacher, test_set, tmp_path)
+    head = cached_zero_shot_head(tiny_teacher, classes, templates, tmp_path, "animals")
     for c, name in enumerate(classes):
         per_template = F.normalize(tiny_teacher.encode_texts([t.format(c=name) for t in templates]), dim=1)
         assert torch.allclose(head[:, c], F.normalize(per_template.mean(0), dim=0), atol=1e-6)
@@ -101,9 +109,11 @@ def test_zero_shot_head_is_the_template_ensemble_and_is_cached(tmp_path, tiny_te
     from safetensors.torch import save_file
 
     save_file({"head": torch.zeros_like(head)}, str(cached))
-    assert torch.equal(zero_shot_head(tiny_teacher, test_set, tmp_path), torch.zeros_like(head))
-    other = TestSet("animals", "test", classes, templates[:1], "top1", 0)
-    assert not torch.equal(zero_shot_head(tiny_teacher, other, tmp_path), torch.zeros_like(head))
+    assert torch.equal(
+        cached_zero_shot_head(tiny_teacher, classes, templates, tmp_path, "animals"), torch.zeros_like(head)
+    )
+    other = cached_zero_shot_head(tiny_teacher, classes, templates[:1], tmp_path, "animals")
+    assert not torch.equal(other, torch.zeros_like(head))
     assert len(list(tmp_path.glob("animals-*.safetensors"))) == 2
 
 
@@ -163,8 +173,9 @@ def test_cli_evaluates_a_student_on_fake_pets_and_prints_the_table(tmp_path, stu
         + ["--batch-size", "4", "--workers", "0", "--device", "cpu"]
     )
     printed = capsys.readouterr().out
-    assert "| dataset | model | images |" in printed
-    assert "| pets | teacher | 6 |" in printed and "| pets | student | 6 |" in printed
+    assert "| dataset | protocol | model | images |" in printed
+    assert "| pets | clip_benchmark | teacher | 6 |" in printed
+    assert "| pets | clip_benchmark | student | 6 |" in printed
     assert "Unreadable images skipped: pets 1." in printed
 
     out = student_dir.parent / "eval"
@@ -176,6 +187,10 @@ def test_cli_evaluates_a_student_on_fake_pets_and_prints_the_table(tmp_path, stu
     assert student["headline_metric"] == "mean_per_class_recall"
     assert student["headline"] == student["mean_per_class_recall"]
     assert student["templates"] == list(get_dataset("pets").templates)
+    assert student["protocol"] == "clip_benchmark" and student["precision"] == "fp32"
+    assert student["preprocessing"] == json.loads(
+        json.dumps(dataclasses.asdict(load_student(student_dir).config.preprocessing))
+    )
     assert 0 <= student["agreement_guaranteed_by_bound"] <= student["agreement_with_teacher"] <= 1
     assert student["mean_student_teacher_distance"] > 0
 
@@ -234,10 +249,25 @@ def test_custom_classes_without_a_test_set_leave_a_note(tmp_path):
 
 
 def test_naming_the_students_teacher_keeps_its_pretrained_weights():
-    from synthdistill.evaluate import _teacher_name
+    from synthdistill.evaluate.stage import _teacher_name
     from synthdistill.student import create_student
 
     student = create_student("tiny", 32, teacher="ViT-B-32", teacher_pretrained="datacomp_xl_s13b_b90k")
     assert _teacher_name(student, None, "ViT-B-32", None) == ("ViT-B-32", "datacomp_xl_s13b_b90k")
     assert _teacher_name(student, None, "ViT-B-32", "laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
     assert _teacher_name(student, None, "ViT-B-16", None) == ("ViT-B-16", None)
+
+
+def test_cli_image_folder_takes_the_named_classes_or_its_own_folders(tmp_path, write_shards):
+    write_shards(tmp_path / "shards", 6)  # class indices 0-2, labels within Pets' 37 classes
+    common = ["--teacher-only", "--teacher", "tiny", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
+    shards = ["--image-folder", str(tmp_path / "shards"), "--out", str(tmp_path / "shards-eval")]
+    main(["evaluate", *common, *shards, "--dataset", "pets"])
+    (entry,) = json.loads((tmp_path / "shards-eval" / "results.json").read_text())["entries"]
+    assert (entry["dataset"], entry["num_classes"], entry["n_images"]) == ("pets (synthetic)", 37, 6)
+
+    write_folder(tmp_path / "animals", {"red_fox": 1, "grey_wolf": 2})
+    folder = ["--set", f"evaluate.image_folder={tmp_path / 'animals'}", "--out", str(tmp_path / "folder")]
+    main(["evaluate", *common, *folder])  # the recipe's image folder, no classes named: its folders'
+    (entry,) = json.loads((tmp_path / "folder" / "results.json").read_text())["entries"]
+    assert (entry["dataset"], entry["num_classes"], entry["n_images"]) == ("animals", 2, 3)

@@ -1,41 +1,40 @@
-"""Stage 1: template and LLM prompts, the answer parser, length limits and bad input."""
+"""Stage 1: the template and plain generators, the all-pairs design, weighted templates, the token
+limit, bad input, and our ``llm`` scene-sentence generator (the ``paper`` generator: test_prompts_paper)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import random
 import re
 from collections import Counter
 
 import pytest
 
+from prompt_checks import read_lines, uncovered_pairs
 from synthdistill.cli import main
 from synthdistill.config import PromptsConfig
 from synthdistill.errors import SynthdistillError
-from synthdistill.prompts import (
-    RETRY_REMINDER,
+from synthdistill.prompts import progress_path, write_prompts
+from synthdistill.prompts.design import sample_combinations
+from synthdistill.prompts.llm import parse_description, parse_list, parse_options, parse_superclass
+from synthdistill.prompts.scenes import RETRY_REMINDER
+from synthdistill.prompts.templates import (
     TokenBudget,
     compose_prompt,
-    parse_description,
-    parse_list,
-    parse_options,
-    progress_path,
-    sample_combinations,
+    plain_phrase,
+    strip_weighting,
     subject_phrase,
-    write_prompts,
 )
 from synthdistill.registry import Domain, get_dataset
 from synthdistill.runtime import derive_seed
 
-FIELDS = {"class_index", "class_name", "prompt", "seed", "options", "generator"}
-
-
-def read_lines(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+FIELDS = {"class_index", "class_name", "prompt", "seed", "options", "generator", "superclass"}
 
 
 def small_domain(dimensions: dict[str, tuple[str, ...]], classnames=("robin", "blue jay")) -> Domain:
+    placeholders = ", ".join(f"{{d{i + 1}}}" for i in range(len(dimensions)))
     return Domain(
         name="birds",
         title="birds",
@@ -44,107 +43,198 @@ def small_domain(dimensions: dict[str, tuple[str, ...]], classnames=("robin", "b
         superclass="bird",
         contextual_dimensions=dimensions,
         images_per_class=4,
+        prompt_template="A photo of a {c}++++ , " + placeholders,
     )
 
 
 @pytest.fixture(scope="module")
 def pets_file(tmp_path_factory):
-    """The pets prompts at the default count (265 per class), written once for several tests."""
+    """``synthdistill prompts --dataset pets --generator template``, written once for several tests."""
     path = tmp_path_factory.mktemp("pets") / "prompts.jsonl"
-    summary = write_prompts(get_dataset("pets"), PromptsConfig(), path, seed=0)
-    return path, summary
+    main(["prompts", "--dataset", "pets", "--generator", "template", "--out", str(path)])
+    return path
 
 
-def test_pets_default_count_and_uniqueness(pets_file):
-    path, summary = pets_file
-    lines = read_lines(path)
-    assert len(lines) == summary.total == 37 * 265 == 9805
-    per_class = Counter(line["class_name"] for line in lines)
-    assert set(per_class.values()) == {265} and summary.per_class == dict(per_class)
-    shares = [len({x["prompt"] for x in lines if x["class_name"] == name}) / 265 for name in per_class]
-    assert min(shares) >= 0.95
-    assert summary.unique_share_min == pytest.approx(min(shares))
-    assert summary.shortened == 0
+def test_pets_template_is_an_all_pairs_design_of_265_per_class(pets_file):
+    domain, lines = get_dataset("pets"), read_lines(pets_file)
+    assert len(lines) == 37 * 265 == 9805
+    assert set(Counter(x["class_name"] for x in lines).values()) == {265}
+    for classname in domain.classnames:
+        rows = [x for x in lines if x["class_name"] == classname]
+        assert uncovered_pairs(rows, domain.contextual_dimensions) == []
+        assert len({x["prompt"] for x in rows}) == 265
+    first, second = (tuple(x["options"].values()) for x in lines[::265][:2])
+    assert first != second  # each class pairs the shared options in its own order
 
 
-def test_every_pets_prompt_names_its_class_and_superclass(pets_file):
+def test_pets_prompts_are_the_weighted_pets_template(pets_file):
     domain = get_dataset("pets")
-    for line in read_lines(pets_file[0]):
-        assert line["class_name"] in line["prompt"]
-        assert f"a type of {domain.superclass_of(line['class_name'])}," in line["prompt"]
-    assert "a photo of an Abyssinian, a type of cat, " in pets_file[0].read_text()
+    for line in read_lines(pets_file):
+        options = [line["options"][d] for d in domain.contextual_dimensions]
+        superclass = domain.superclass_of(line["class_name"])
+        assert line["superclass"] == superclass
+        assert line["prompt"] == f"A photo of a {line['class_name']}++++ ({superclass}++, pet), " + ", ".join(
+            options
+        )
+    assert "A photo of a Abyssinian++++ (cat++, pet), " in pets_file.read_text()
 
 
 def test_pets_lines_follow_the_schema(pets_file):
     domain = get_dataset("pets")
     position = Counter()
-    for line in read_lines(pets_file[0]):
+    for line in read_lines(pets_file):
         assert set(line) == FIELDS
         class_index = line["class_index"]
         assert domain.classnames[class_index] == line["class_name"]
         assert line["seed"] == derive_seed(0, "image", class_index, position[class_index])
         position[class_index] += 1
-        assert set(line["options"]) == set(domain.contextual_dimensions)
+        assert list(line["options"]) == list(domain.contextual_dimensions)
         for dimension, choice in line["options"].items():
             assert choice in domain.contextual_dimensions[dimension]
-            assert choice in line["prompt"]
         assert line["generator"] == "template"
 
 
+@pytest.mark.parametrize("name", ["food101", "imagenet100"])
+def test_datasets_with_30_options_give_1011_per_class(tmp_path, name):
+    domain = get_dataset(name)
+    domain = dataclasses.replace(domain, classnames=domain.classnames[:2])
+    path = tmp_path / "p.jsonl"
+    summary = write_prompts(domain, PromptsConfig(), path)
+    lines = read_lines(path)
+    assert summary.per_class == {c: 1011 for c in domain.classnames} and len(lines) == 2 * 1011
+    rows = [x for x in lines if x["class_index"] == 1]
+    assert uncovered_pairs(rows, domain.contextual_dimensions) == []
+    if name == "food101":
+        line = lines[0]
+        o = line["options"]
+        assert line["prompt"] == (
+            f"A photo of a (apple pie)1.2, ({o['serving']})1.5, Side angle, "
+            f"background is a {o['background']}, background is not blurred, "
+            f"({o['camera_angle']})0.1, ({o['time_of_day']})0.1"
+        )
+    else:  # one of CLIP's ImageNet templates, filled with the class, then the options
+        tails = Counter()
+        for line in lines:
+            head, tail = line["prompt"].split("++++ , ")
+            assert tail == ", ".join(line["options"].values())
+            assert any(t.replace("{c}", line["class_name"]).rstrip(". ") == head for t in domain.templates)
+            tails[head] += 1
+        assert len(tails) > 40
+
+
 def test_template_is_deterministic_for_a_seed(tmp_path):
-    domain, config = get_dataset("flowers102"), PromptsConfig(per_class=5)
+    domain = dataclasses.replace(get_dataset("flowers102"), classnames=("rose", "lotus"))
     first, again, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
-    write_prompts(domain, config, first, seed=3)
-    write_prompts(domain, config, again, seed=3)
-    write_prompts(domain, config, other, seed=4)
+    for path, seed in ((first, 3), (again, 3), (other, 4)):
+        write_prompts(domain, PromptsConfig(), path, seed=seed)
     assert first.read_bytes() == again.read_bytes()
     prompts = [x["prompt"] for x in read_lines(first)]
     assert sum(a != b for a, b in zip(prompts, (x["prompt"] for x in read_lines(other)), strict=True)) > 400
 
 
-def test_no_repeat_while_unused_combinations_remain(tmp_path):
+def test_per_class_with_allpairs_is_refused_unless_it_is_the_designs_size(tmp_path):
+    domain, out = get_dataset("dtd"), tmp_path / "p.jsonl"
+    with pytest.raises(
+        SynthdistillError, match=r"\(16\) differs from the all-pairs design's 265.*design=random"
+    ):
+        write_prompts(domain, PromptsConfig(per_class=16), out)
+    assert not out.exists()
+    small = dataclasses.replace(domain, classnames=("banded",))
+    assert write_prompts(small, PromptsConfig(per_class=265), out).total == 265
+    summary = write_prompts(small, PromptsConfig(per_class=16, design="random"), out)
+    assert summary.total == 16 and summary.design == "random"
+
+
+def test_options_per_dimension_gives_the_designs_size(tmp_path):
+    domain = dataclasses.replace(get_dataset("cars"), classnames=("Audi S4 Sedan 2012",))
+    for options, size in ((5, 30), (10, 111)):
+        path = tmp_path / f"{options}.jsonl"
+        write_prompts(domain, PromptsConfig(options_per_dimension=options), path)
+        lines = read_lines(path)
+        assert len(lines) == size
+        used = {d: tuple(o[:options]) for d, o in domain.contextual_dimensions.items()}
+        assert uncovered_pairs(lines, used) == []
+        assert all(set(x["options"][d] for x in lines) == set(used[d]) for d in used)
+
+
+def test_random_design_repeats_no_combination_while_unused_ones_remain(tmp_path):
     domain = small_domain(
         {"setting": ("in a tree", "on a fence"), "lighting": ("at dawn", "at noon", "at dusk")}
     )
     path = tmp_path / "p.jsonl"
-    summary = write_prompts(domain, PromptsConfig(per_class=6), path)
+    summary = write_prompts(domain, PromptsConfig(per_class=6, design="random"), path)
     assert summary.unique_share_min == 1.0  # all 2 x 3 combinations, each once
-    summary = write_prompts(domain, PromptsConfig(per_class=9), path)
+    summary = write_prompts(domain, PromptsConfig(per_class=9, design="random"), path)
     robin = [x["prompt"] for x in read_lines(path) if x["class_name"] == "robin"]
     assert len(set(robin[:6])) == 6 and len(set(robin)) == 6 and summary.unique_share_min == 6 / 9
 
 
 def test_sample_combinations_rounds_cover_everything():
-    import random
-
     combos = sample_combinations([2, 3, 2], 12 * 2 + 5, random.Random(0))
     assert len(set(combos[:12])) == 12 and len(set(combos[12:24])) == 12 and len(set(combos[24:])) == 5
     assert all(0 <= a < 2 and 0 <= b < 3 and 0 <= c < 2 for a, b, c in combos)
 
 
+@pytest.mark.parametrize(
+    "dataset, prompt", [("pets", "a photo of a Beagle"), ("dtd", "a photo of a banded texture")]
+)
+def test_plain_is_the_no_diversity_baseline(tmp_path, dataset, prompt):
+    domain = get_dataset(dataset)
+    classname = prompt.split("a photo of a ")[1].removesuffix(" texture")
+    domain = dataclasses.replace(domain, classnames=(classname, domain.classnames[1]))
+    path = tmp_path / "p.jsonl"
+    summary = write_prompts(domain, PromptsConfig(generator="plain", per_class=7), path)
+    lines = [x for x in read_lines(path) if x["class_name"] == classname]
+    assert [x["prompt"] for x in lines] == [prompt] * 7 and summary.total == 14
+    assert all(x["options"] == {} and x["generator"] == "plain" for x in lines)
+    assert len({x["seed"] for x in lines}) == 7
+    assert write_prompts(domain, PromptsConfig(generator="plain"), path).total == 2 * 265
+
+
 def test_subject_follows_the_domain_wording():
-    assert subject_phrase(get_dataset("pets"), "Beagle") == "a photo of a Beagle, a type of dog"
-    assert subject_phrase(get_dataset("food101"), "apple pie") == "a photo of apple pie, a type of food"
-    assert subject_phrase(get_dataset("dtd"), "banded") == "a photo of a banded texture"
-    options = {"viewpoint": "close-up", "setting": "in a park", "activity": "running"}
+    pets, food, dtd = get_dataset("pets"), get_dataset("food101"), get_dataset("dtd")
+    assert subject_phrase(pets.templates, "Beagle", "dog") == "a photo of a Beagle, a type of dog"
+    assert subject_phrase(food.templates, "apple pie", "food") == "a photo of apple pie, a type of food"
+    assert subject_phrase(dtd.templates, "banded", "texture") == "a photo of a banded texture"
+    options = {"camera_angle": "close-up", "location": "in a park", "position": "running"}
     assert compose_prompt("S", options) == "S, running in a park, close-up"
 
 
-def test_user_class_file_through_the_cli(tmp_path, capsys):
+def test_user_class_file_gets_the_papers_other_dimensions_and_template(tmp_path, capsys):
     classes = tmp_path / "birds.txt"
     classes.write_text("# my birds\nrobin\n\nblue jay  # corvid\nAmerican goldfinch\n")
     out = tmp_path / "out" / "prompts.jsonl"
-    main(
-        ["prompts", "--classes", str(classes), "--superclass", "bird", "--per-class", "7", "--out", str(out)]
-    )
+    main(["prompts", "--classes", str(classes), "--superclass", "bird", "--out", str(out)])
     lines = read_lines(out)
-    assert Counter(x["class_name"] for x in lines) == {"robin": 7, "blue jay": 7, "American goldfinch": 7}
-    assert all(x["class_name"] in x["prompt"] and "a type of bird" in x["prompt"] for x in lines)
-    assert "21 template prompts for 3 classes (7 per class)" in capsys.readouterr().out
+    assert Counter(x["class_name"] for x in lines) == {
+        "robin": 265,
+        "blue jay": 265,
+        "American goldfinch": 265,
+    }
+    assert list(lines[0]["options"]) == ["location", "time_of_day", "position", "camera_angle"]
+    for line in lines:
+        assert line["prompt"] == f"A photo of a {line['class_name']}++++ , " + ", ".join(
+            line["options"].values()
+        )
+    assert "795 template prompts for 3 classes (265 per class, allpairs design)" in capsys.readouterr().out
+    main(["prompts", "--classes", str(classes), "--per-class", "7", "--design", "random", "--out", str(out)])
+    assert len(read_lines(out)) == 21
 
 
 def test_cli_writes_into_the_run_directory_by_default(tmp_path):
-    main(["prompts", "--dataset", "dtd", "--per-class", "2", "--set", f"run_dir={tmp_path / 'run'}"])
+    main(
+        [
+            "prompts",
+            "--dataset",
+            "dtd",
+            "--per-class",
+            "2",
+            "--design",
+            "random",
+            "--set",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
     assert len(read_lines(tmp_path / "run" / "prompts.jsonl")) == 47 * 2
 
 
@@ -152,11 +242,14 @@ def test_cli_writes_into_the_run_directory_by_default(tmp_path):
     "args, classes_text, message",
     [
         (["--dataset", "petz"], None, "Unknown dataset 'petz'. Did you mean 'pets'? Known datasets: pets"),
-        (["--dataset", "pets", "--per-class", "0"], None, "must be a positive number"),
+        (["--dataset", "pets", "--per-class", "0"], None, "per_class"),
+        (["--dataset", "pets", "--per-class", "16"], None, "drop per_class or set prompts.design=random"),
         (["--classes", "{classes}"], "# nothing here\n\n", "holds no class names"),
         (["--classes", "{classes}"], "robin\nRobin\n", "line 2: 'Robin' repeats line 1"),
+        (["--classes", "{classes}"], b"robin\nm\xe9sange\n", "line 2 is not valid UTF-8"),
+        (["--classes", "{classes}"], "robin\nblue\x07jay\n", "line 2 holds a control character"),
         (
-            ["--dataset", "pets", "--generator", "llm", "--llm", "no-such-org/no-such-llm"],
+            ["--dataset", "pets", "--generator", "paper", "--llm", "no-such-org/no-such-llm"],
             None,
             "Cannot load",
         ),
@@ -165,7 +258,9 @@ def test_cli_writes_into_the_run_directory_by_default(tmp_path):
 )
 def test_bad_input_is_refused_without_output(tmp_path, capsys, args, classes_text, message):
     classes = tmp_path / "classes.txt"
-    if classes_text is not None:
+    if isinstance(classes_text, bytes):
+        classes.write_bytes(classes_text)
+    elif classes_text is not None:
         classes.write_text(classes_text)
     out = tmp_path / "prompts.jsonl"
     argv = ["prompts", *[a.replace("{classes}", str(classes)) for a in args], "--out", str(out)]
@@ -174,6 +269,8 @@ def test_bad_input_is_refused_without_output(tmp_path, capsys, args, classes_tex
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    if classes_text is not None:
+        assert str(classes) in err[0] or "class names" in err[0]
     assert list(tmp_path.iterdir()) == ([classes] if classes_text is not None else [])
 
 
@@ -185,15 +282,34 @@ def test_unusable_class_names_are_refused(tmp_path, classnames):
     assert not out.exists()
 
 
-def test_long_prompts_are_cut_at_a_word_boundary(tmp_path):
-    domain, config = get_dataset("cars"), PromptsConfig(per_class=3, max_prompt_tokens=32)
-    path = tmp_path / "p.jsonl"
+def test_weighting_syntax_is_stripped_before_counting_tokens():
+    assert (
+        strip_weighting("A photo of a (apple pie)1.2, (on a plate)1.5, x")
+        == "A photo of a apple pie, on a plate, x"
+    )
+    assert strip_weighting("A photo of a red- banded++++ texture+++, close-up shot, a rug---") == (
+        "A photo of a red banded texture, close-up shot, a rug"
+    )
+    assert plain_phrase("(very) sunny+ park-") == "sunny park"
+    budget = TokenBudget(12)  # 10 tokens of text
+    assert budget.fits("a b c d e f g h i j") and budget.fits("a++++ b c d e f g h (i j)1.5")
+    assert not budget.fits("a b c d e f g h i j k")
+
+
+def test_long_weighted_prompts_lose_whole_parts_from_their_end(tmp_path):
+    domain = dataclasses.replace(get_dataset("aircraft"), classnames=("Boeing 737-800", "Cessna 172"))
+    config, path = PromptsConfig(max_prompt_tokens=24), tmp_path / "p.jsonl"
     summary = write_prompts(domain, config, path)
-    budget, shortened = TokenBudget(32), 0
+    budget, shortened = TokenBudget(24), 0
     for line in read_lines(path):
-        full = compose_prompt(subject_phrase(domain, line["class_name"]), line["options"])
-        assert budget.fits(line["prompt"]) and line["class_name"] in line["prompt"]
-        assert full.startswith(line["prompt"]) and full[len(line["prompt"]) :][:1] in ("", " ", ",")
+        o = line["options"]
+        full = (
+            f"A photo of a {o['colour']} {line['class_name']}+++ ({line['superclass']}----, aircraft), "
+            f"{o['location']}+, {o['camera_angle']}+, {o['time_of_day']}"
+        )
+        assert budget.fits(line["prompt"]) and full.startswith(line["prompt"])
+        assert full[len(line["prompt"]) :][:1] in ("", ",")  # cut before a top-level comma
+        assert line["prompt"].count("(") == line["prompt"].count(")")
         shortened += line["prompt"] != full
     assert summary.shortened == shortened > 0
 
@@ -206,6 +322,7 @@ def test_tiny_random_llm_gibberish_is_replaced_and_counted(tmp_path):
     domain = small_domain({"setting": ("in a tree", "on a fence"), "lighting": ("at dawn", "at dusk")})
     config = PromptsConfig(
         generator="llm",
+        design="random",
         llm="tiny",
         per_class=3,
         llm_batch_size=4,
@@ -242,7 +359,10 @@ class StubChat:
     def __init__(self):
         self.requests: list[str] = []
 
-    def complete(self, requests: list[str], temperature: float, seed: int) -> list[str]:
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def complete(self, requests: list[str], sampling, seed: int) -> list[str]:
         self.requests += requests
         return [self.answer(request, seed) for request in requests]
 
@@ -271,7 +391,9 @@ def test_stub_llm_answers_are_parsed_and_counted(tmp_path):
         "weather": ("x",),
     }
     domain = small_domain(dimensions)
-    config = PromptsConfig(generator="llm", per_class=30, llm_batch_size=7, options_per_dimension=3)
+    config = PromptsConfig(
+        generator="llm", design="random", per_class=30, llm_batch_size=7, options_per_dimension=3
+    )
     chat = StubChat()
     path = tmp_path / "p.jsonl"
     summary = write_prompts(domain, config, path, seed=0, chat_model=chat)
@@ -298,7 +420,7 @@ def test_stub_llm_answers_are_parsed_and_counted(tmp_path):
 
 def test_stub_llm_answers_without_the_class_are_replaced(tmp_path):
     domain = small_domain({"setting": ("on a wall",), "lighting": ("at dusk",)}, classnames=("robin",))
-    config = PromptsConfig(generator="llm", per_class=4, options_per_dimension=3)
+    config = PromptsConfig(generator="llm", design="random", per_class=4, options_per_dimension=3)
     chat = StubChat()
     chat.OPTIONS = {"setting": "1. on a roof\n2. in a hedge", "lighting": "nothing useful here"}
     summary = write_prompts(domain, config, tmp_path / "p.jsonl", chat_model=chat)
@@ -327,11 +449,11 @@ class InterruptingChat(StubChat):
         self.calls = 0
         self.interrupt_at = interrupt_at
 
-    def complete(self, requests: list[str], temperature: float, seed: int) -> list[str]:
+    def complete(self, requests: list[str], sampling, seed: int) -> list[str]:
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
-        return super().complete(requests, temperature, seed)
+        return super().complete(requests, sampling, seed)
 
     def answer(self, request: str, seed: int) -> str:
         if "the weather of" in request and RETRY_REMINDER not in request:
@@ -341,7 +463,12 @@ class InterruptingChat(StubChat):
 
 RESUME_DOMAIN = small_domain({"setting": ("x",), "lighting": ("y",), "viewpoint": ("z",), "weather": ("w",)})
 RESUME_CONFIG = PromptsConfig(
-    generator="llm", per_class=8, llm_batch_size=3, options_per_dimension=3, llm_temperature=0.5
+    generator="llm",
+    design="random",
+    per_class=8,
+    llm_batch_size=3,
+    options_per_dimension=3,
+    llm_temperature=0.5,
 )
 
 
@@ -426,7 +553,7 @@ def test_template_generator_ignores_llm_progress(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_llm(out, InterruptingChat(4))
     stale = progress_path(out).read_bytes()
-    config = PromptsConfig(per_class=5)
+    config = PromptsConfig(per_class=5, design="random")
     write_prompts(RESUME_DOMAIN, config, out)
     write_prompts(RESUME_DOMAIN, config, clean)
     assert out.read_bytes() == clean.read_bytes()
@@ -467,3 +594,33 @@ def test_parse_description_finds_the_sentence_naming_the_class():
     assert parse_description('["A Robin in snow at dawn"]', "robin") == "A Robin in snow at dawn"
     assert parse_description("A bird on a branch.", "robin") is None
     assert parse_description("robin", "robin") is None
+
+
+@pytest.mark.parametrize(
+    "text, superclass",
+    [
+        ("Cat", "cat"),
+        ("  Terrier.", "terrier"),
+        ("Sure! A Beagle is a type of scent hound.", "scent hound"),
+        ("The Abyssinian is a breed of domestic cat, known for ...", "domestic cat"),
+        ("I'm not sure I understand the question, could you rephrase it please", None),
+        ("Beagle", None),
+        ("", None),
+    ],
+)
+def test_parse_superclass(text, superclass):
+    assert parse_superclass(text, "Beagle") == superclass
+
+
+def test_whole_phrase_weighting_is_an_option_that_changes_only_the_syntax(tmp_path):
+    domain = dataclasses.replace(get_dataset("pets"), classnames=("American Pit Bull Terrier", "Pug"))
+    literal, grouped = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_prompts(domain, PromptsConfig(), literal)
+    write_prompts(domain, PromptsConfig(weight_whole_phrases=True), grouped)
+    pairs = list(zip(read_lines(literal), read_lines(grouped), strict=True))
+    for a, b in pairs:
+        assert a["options"] == b["options"] and strip_weighting(a["prompt"]) == strip_weighting(b["prompt"])
+    a, b = pairs[0]
+    assert a["prompt"].startswith("A photo of a American Pit Bull Terrier++++ (dog++, pet), ")
+    assert b["prompt"].startswith("A photo of a (American Pit Bull Terrier)++++ (dog++, pet), ")
+    assert pairs[-1][0]["prompt"] == pairs[-1][1]["prompt"]  # one-word class and unweighted options

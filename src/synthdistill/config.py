@@ -80,24 +80,58 @@ class PromptsConfig:
     """Stage 1: class names become text prompts."""
 
     generator: str = option(
-        "template", "'template' (combinatorial, no model) or 'llm'.", choices=("template", "llm")
+        "template",
+        "'paper' (LLM superclass and options per class, PAPER.md), 'template' (the paper's templates with "
+        "the registry's options, no model), 'plain' ('a photo of a <class>', no diversity) or 'llm' "
+        "(ours: LLM scene sentences).",
+        choices=("paper", "template", "plain", "llm"),
+    )
+    design: str = option(
+        "allpairs",
+        "Option combinations: 'allpairs' (every pair of options of two dimensions once or more; the "
+        "prompt count per class is the design's size) or 'random' (per_class random combinations).",
+        choices=("allpairs", "random"),
     )
     per_class: int | None = option(
-        None, "Prompts (= images) per class; default: the dataset's count.", bounds="[1, inf)"
+        None,
+        "Prompts (= images) per class with design=random or generator=plain; default: the dataset's count.",
+        bounds="[1, inf)",
+    )
+    options_per_dimension: int | None = option(
+        None,
+        "Options per contextual dimension (15 -> 265 all-pairs prompts, 30 -> 1011); default: the dataset's.",
+        bounds="[1, inf)",
     )
     llm: str = option(
         "meta-llama/Llama-2-7b-chat-hf", "Instruction-tuned LLM: hub id, local folder or 'tiny'."
     )
     llm_batch_size: int = option(8, "Conversations generated at once by the LLM.", bounds="[1, inf)")
-    llm_max_new_tokens: int = option(256, "Longest LLM answer, in tokens.", bounds="[1, inf)")
-    options_per_dimension: int = option(
-        10, "Options the LLM is asked for per contextual dimension.", bounds="[1, inf)"
+    llm_max_new_tokens: int | None = option(
+        None,
+        "Longest LLM answer in tokens; default: 128 (paper: option lists; its superclass: 32), 256 (llm).",
+        bounds="[1, inf)",
     )
-    llm_temperature: float = option(
-        0.0, "0: greedy LLM decoding; above 0: seeded sampling (retries sample).", bounds="[0, inf)"
+    llm_temperature: float | None = option(
+        None, "LLM sampling temperature (0: greedy); default: 0.7 for paper, 0 for llm.", bounds="[0, inf)"
+    )
+    llm_top_k: int | None = option(
+        None, "Top-k sampling (0: off); default: 50 for paper, off for llm.", bounds="[0, inf)"
+    )
+    llm_top_p: float | None = option(None, "Top-p sampling; default: 0.95.", bounds="(0, 1]")
+    llm_retries: int = option(
+        5,
+        "paper: how often an answer that does not parse is asked again before the registry fills in.",
+        bounds="[0, inf)",
+    )
+    weight_whole_phrases: bool = option(
+        False,
+        "Ours: weight a multi-word class or option as a phrase, '(Pit Bull Terrier)++++'; false: as the "
+        "authors' templates, where Compel up-weights the last word only.",
     )
     max_prompt_tokens: int = option(
-        77, "Prompts longer than this (text-encoder tokens) are shortened.", bounds="[1, inf)"
+        77,
+        "Prompts longer than this (text-encoder tokens, weighting syntax not counted) are shortened.",
+        bounds="[8, 77]",
     )
 
 
@@ -141,17 +175,22 @@ class DistillConfig:
         "datacomp_xl_s13b_b90k", "open_clip pretrained tag or local file."
     )
     student: str = option("tiny_vit_5m_224", "timm model name, or 'tiny'.")
-    student_pretrained: bool = option(False, "Start the student from timm's pretrained weights.")
+    student_pretrained: bool | str = option(
+        False,
+        "Start the student from timm's weights: true (timm's default tag), a tag of the student's "
+        "architecture (dist_in22k or tiny_vit_11m_224.dist_in22k), or a local weights file.",
+    )
     head: str = option(
         "linear",
         "Projection head to the teacher's embedding size: 'linear' or 'mlp'.",
         choices=("linear", "mlp"),
     )
-    loss: str = option("fd", "Loss name (fd, vl, mpc) or weighted sum such as 'fd:1,vl:0.5'.")
+    loss: str = option("fd", "Loss name (fd, vl, mpc, i2i) or weighted sum such as 'fd:0.5,vl:0.5'.")
     fd_variant: str = option(
-        "l2",
-        "Feature distillation distance: l2 (normalised), cosine or mse.",
-        choices=("l2", "cosine", "mse"),
+        "distance",
+        "Feature distillation: distance (||s - t|| of normalised embeddings, the authors'), squared "
+        "(2 - 2 cos; l2 is its old name), cosine or mse (unnormalised).",
+        choices=("distance", "squared", "cosine", "mse", "l2"),
     )
     learnable_temperature: bool = option(False, "vl/mpc: learn the temperature instead of the teacher's.")
     epochs: int = option(96, "Passes over the synthetic images.", bounds="[1, inf)")
@@ -211,6 +250,17 @@ class DistillConfig:
         hashed=False,
         bounds="[0, inf)",
     )
+    logit_scale: float | None = option(
+        None,
+        "vl/mpc/i2i: 1/temperature (the start value if learnable); null: the teacher's (the authors' "
+        "ablation: 1.0).",
+        bounds="(0, 100]",
+    )
+    init: str | None = option(
+        None,
+        "Start the student (backbone and head) from a student folder (runs/<name>/student) or a "
+        "checkpoint folder (runs/<name>/checkpoints/step-N); null: random or student_pretrained.",
+    )
 
 
 @dataclass
@@ -219,11 +269,23 @@ class EvaluateConfig:
 
     datasets: list[str] = option([], "Registry datasets to evaluate on; default: the recipe's dataset.")
     data_root: str = option("data", "Folder holding the real test sets (see README for the layout).")
+    protocols: list[str] = option(
+        ["clip_benchmark"],
+        "Zero-shot protocols, each reported: clip_benchmark (published tables: template ensemble, each "
+        "model's own preprocessing, DataComp headline) and/or paper (the authors': one template, one "
+        "shared bilinear crop, fp32, top-1).",
+        choices=("clip_benchmark", "paper"),
+    )
     image_folder: str | None = option(None, "An ImageFolder-style test set instead of registry datasets.")
     batch_size: int = option(128, "Images per batch.", bounds="[1, inf)")
     workers: int = option(4, "Data-loader worker processes.", hashed=False, bounds="[0, inf)")
     download: bool = option(False, "Let torchvision download missing test sets.")
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.", choices=PRECISIONS)
+    precision: str = option(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16: autocast over CLIP_benchmark's scope in the "
+        "clip_benchmark protocol (the paper protocol is always fp32).",
+        choices=PRECISIONS,
+    )
     with_teacher: bool = option(True, "Also evaluate the teacher on the same images.")
     max_images: int | None = option(
         None, "Evaluate at most this many images per dataset (quick checks).", bounds="[1, inf)"
@@ -455,6 +517,11 @@ def validate(recipe: RecipeConfig) -> None:
         )
     if recipe.classes_file is None and recipe.dataset is None:
         raise ConfigError("A recipe needs a 'dataset' from the registry or a 'classes_file'.")
+    if recipe.distill.init is not None and recipe.distill.student_pretrained is not False:
+        raise ConfigError(
+            "distill.init and distill.student_pretrained both choose the student's start weights; "
+            "set distill.student_pretrained=false to start from distill.init, or distill.init=null."
+        )
 
 
 def to_dict(config: Any) -> dict:

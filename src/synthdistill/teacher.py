@@ -70,9 +70,24 @@ class Teacher:
         return torch.cat(chunks) if chunks else torch.empty(0, self.embed_dim)
 
     @torch.no_grad()
-    def build_zero_shot_head(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    def build_zero_shot_head(
+        self, classnames: Sequence[str], templates: Sequence[str], amp_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """CLIP's template ensemble: per class, normalise each template's text embedding, average,
-        renormalise. Returns (D, C), so that logits = 100 * image_embeddings @ head."""
+        renormalise. Returns (D, C), so that logits = 100 * image_embeddings @ head.
+
+        ``amp_dtype`` builds it as CLIP_benchmark's ``zero_shot_classifier(amp=True)`` does: one class
+        at a time, text tower and ensemble under autocast, so the head is that run's, bit for bit."""
+        if amp_dtype is not None:
+            columns = []
+            with torch.autocast(self.device.type, dtype=amp_dtype):
+                for name in classnames:
+                    tokens = self.tokenizer([template.format(c=name) for template in templates])
+                    embedding = F.normalize(self.model.encode_text(tokens.to(self.device)), dim=-1).mean(
+                        dim=0
+                    )
+                    columns.append(embedding / embedding.norm())
+            return torch.stack(columns, dim=1)
         texts = [template.format(c=name) for name in classnames for template in templates]
         embeddings = self.encode_texts(texts).reshape(len(classnames), len(templates), -1)
         return F.normalize(embeddings.mean(dim=1), dim=-1).T.contiguous()
@@ -93,23 +108,27 @@ def cached_zero_shot_head(
     templates: Sequence[str],
     cache_dir: str | Path | None,
     label: str = "head",
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The teacher's (D, C) unit-norm zero-shot head, computed once in fp32 per (teacher, classes,
     templates) and kept as ``<cache_dir>/<label>-<key>.safetensors``; evaluate, export and predict
-    all take their head from here, so they classify alike. ``cache_dir=None``: not cached."""
+    all take their head from here, so they classify alike. ``cache_dir=None``: not cached.
+    ``amp_dtype``: CLIP_benchmark's mixed-precision head instead (its own cache entry; returned in fp32,
+    which holds its values exactly)."""
     from safetensors.torch import load_file, save_file
 
     from synthdistill.config import config_hash
     from synthdistill.fileio import atomic_path
 
     if cache_dir is None:
-        return teacher.build_zero_shot_head(classnames, templates).float()
-    key = config_hash(_teacher_key(teacher), label, list(classnames), list(templates))
+        return teacher.build_zero_shot_head(classnames, templates, amp_dtype).float()
+    precision = [str(amp_dtype)] if amp_dtype is not None else []  # fp32 keys as before
+    key = config_hash(_teacher_key(teacher), label, list(classnames), list(templates), *precision)
     path = Path(cache_dir) / f"{label}-{key}.safetensors"
     if path.is_file():
         head = load_file(str(path))["head"]
     else:
-        head = teacher.build_zero_shot_head(classnames, templates).float().cpu()
+        head = teacher.build_zero_shot_head(classnames, templates, amp_dtype).float().cpu()
         with atomic_path(path) as tmp:
             save_file({"head": head.contiguous()}, str(tmp), metadata={"teacher": teacher.identity})
     return head.to(teacher.device)
@@ -146,6 +165,16 @@ def _check_known(name: str, pretrained: str | None) -> None:
                 f"open_clip has no pretrained tag '{pretrained}' for '{name}' (known: {listed}); "
                 "pass a known tag or the path of a local checkpoint file."
             )
+
+
+def teacher_embed_dim(name: str) -> int | None:
+    """The teacher's embedding width from its open_clip model config, without loading it (None for
+    a model open_clip does not know by name, e.g. a local path): lets the student's settings be
+    checked before any model loads."""
+    import open_clip
+
+    config = open_clip.get_model_config(register_tiny_clip_config() if is_tiny(name) else name)
+    return int(config["embed_dim"]) if config and "embed_dim" in config else None
 
 
 def load_teacher(

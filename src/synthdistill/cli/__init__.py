@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from synthdistill import __version__
 from synthdistill.errors import SynthdistillError
 
 COMMANDS = (  # in pipeline order, as `synthdistill --help` lists them
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil CLIP's image encoder into a small zero-shot student from synthetic images.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Show debug logging.")
+    parser.add_argument("--version", action="version", version=f"synthdistill {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"synthdistill.cli.{name}").register(subparsers)

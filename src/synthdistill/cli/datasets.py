@@ -13,7 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = sub.add_parser("list", help="Name, classes, superclass, images per class, evaluation split.")
     listing.set_defaults(func=list_command)
-    show = sub.add_parser("show", help="Class names, zero-shot templates and contextual dimensions.")
+    show = sub.add_parser(
+        "show", help="Class names, zero-shot templates, prompt template and contextual dimensions."
+    )
     show.add_argument("name", nargs="?", help="Registry dataset name (or use --classes).")
     add_domain_arguments(show)
     show.set_defaults(func=show_command)
@@ -46,9 +48,14 @@ def show_command(args: argparse.Namespace) -> None:
     print(f"\nzero-shot templates ({len(domain.templates)}):")
     for template in domain.templates:
         print(f"  {template}")
-    print("\ncontextual dimensions:")
-    for dimension, options in domain.contextual_dimensions.items():
-        print(f"  {dimension}: {'; '.join(options)}")
+    print(
+        f"\ndomain word: {domain.domain_word or '-'}    options per dimension: {domain.options_per_dimension}"
+    )
+    print(f"prompt template: {domain.prompt_template}")
+    print("\ncontextual dimensions: (LLM question, then the registry's options)")
+    for number, (dimension, options) in enumerate(domain.contextual_dimensions.items(), start=1):
+        question = domain.dimension_questions.get(dimension, "-")
+        print(f"  d{number} {dimension}: {question}\n     {'; '.join(options)}")
     if domain.sources:
         print("\nsources:")
         for what, source in domain.sources.items():

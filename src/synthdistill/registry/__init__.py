@@ -1,7 +1,10 @@
-"""The dataset registry: class names, zero-shot templates and contextual dimensions per domain.
+"""The dataset registry: class names, zero-shot templates and the prompt recipe per domain.
 
-Each registry dataset is a JSON file in ``registry/data/`` (sources named inside). A user's own
-class list becomes the same kind of :class:`Domain`, with generic contextual dimensions.
+Each registry dataset is a JSON file in ``registry/data/`` (sources named inside). Besides class
+names and zero-shot templates it holds PAPER.md's stage-1 recipe: the domain word, the four
+contextual dimensions in order (each with its LLM question and fallback options) and the weighted
+prompt template. A user's own class list becomes the same kind of :class:`Domain`, with the paper's
+"other" dimensions and template (``generic.json``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class Domain:
-    """Everything the pipeline needs to know about a set of classes."""
+    """Everything the pipeline needs to know about a set of classes.
+
+    ``contextual_dimensions`` maps each dimension (in the template's order d1, d2, ...) to its
+    fallback options; ``dimension_questions`` to its LLM question, with ``{c}`` (class), ``{s}``
+    (LLM superclass) and ``{domain}`` (domain word) placeholders. ``prompt_template`` is in Compel
+    syntax with ``{c}``, ``{s}``, ``{d1}``...``{d4}`` and ``{clip}`` (one of ``templates`` at random,
+    filled with the class). ``options_per_dimension`` is the paper's count (15, or 30 where the
+    dataset has 1011 images per class).
+    """
 
     name: str
     title: str
@@ -37,6 +48,11 @@ class Domain:
     superclass: str
     contextual_dimensions: dict[str, tuple[str, ...]]
     images_per_class: int
+    domain_word: str | None = None
+    prompt_template: str = "A photo of a {c}++++ , {d1}, {d2}, {d3}, {d4}"
+    plain_prompt: str = "a photo of a {c}"
+    options_per_dimension: int = 15
+    dimension_questions: dict[str, str] = field(default_factory=dict)
     headline_metric: str = "top1"
     eval: EvalSpec | None = None
     class_superclasses: dict[str, str] = field(default_factory=dict)
@@ -56,6 +72,20 @@ def _data_dir():
     return resources.files("synthdistill.registry") / "data"
 
 
+def _prompt_recipe(data: dict) -> dict:
+    """The stage-1 fields of a registry JSON entry, as :class:`Domain` keyword arguments."""
+    recipe = {
+        "contextual_dimensions": {d["name"]: tuple(d["options"]) for d in data["dimensions"]},
+        "dimension_questions": {d["name"]: d["question"] for d in data["dimensions"]},
+        "domain_word": data.get("domain_word"),
+        "prompt_template": data["prompt_template"],
+        "options_per_dimension": int(data["options_per_dimension"]),
+    }
+    if "plain_prompt" in data:
+        recipe["plain_prompt"] = data["plain_prompt"]
+    return recipe
+
+
 def _domain_from_json(data: dict) -> Domain:
     spec = data.get("eval")
     return Domain(
@@ -64,8 +94,8 @@ def _domain_from_json(data: dict) -> Domain:
         classnames=tuple(data["classnames"]),
         templates=tuple(data["templates"]),
         superclass=data["superclass"],
-        contextual_dimensions={k: tuple(v) for k, v in data["contextual_dimensions"].items()},
         images_per_class=int(data["images_per_class"]),
+        **_prompt_recipe(data),
         headline_metric=data.get("headline_metric", "top1"),
         eval=EvalSpec(**spec) if spec else None,
         class_superclasses=dict(data.get("class_superclasses", {})),
@@ -97,16 +127,31 @@ def get_dataset(name: str) -> Domain:
 
 
 def read_class_file(path: str | Path) -> list[str]:
-    """One class per line; blank lines and '#' comments ignored; duplicates refused with the line named."""
+    """One class per line; blank lines and '#' comments ignored.
+
+    Refused in one sentence naming the file and line: bytes that are not UTF-8, control characters,
+    a duplicate (case-insensitive). A UTF-8 byte-order mark is allowed.
+    """
     path = Path(path)
     if not path.is_file():
         raise SynthdistillError(f"Class file '{path}' does not exist.")
     names: list[str] = []
     first_line: dict[str, int] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    for number, raw_bytes in enumerate(data.splitlines(), start=1):
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SynthdistillError(
+                f"Class file '{path}' line {number} is not valid UTF-8; save the file as UTF-8."
+            ) from None
         name = raw.split("#", 1)[0].strip()
         if not name:
             continue
+        if not name.isprintable():
+            raise SynthdistillError(
+                f"Class file '{path}' line {number} holds a control character; remove it."
+            )
         if name.casefold() in first_line:
             raise SynthdistillError(
                 f"Class file '{path}' line {number}: '{name}' repeats line {first_line[name.casefold()]}."
@@ -119,19 +164,21 @@ def read_class_file(path: str | Path) -> list[str]:
 
 
 def domain_from_classes(classnames: list[str], superclass: str | None = None, name: str = "custom") -> Domain:
-    """A user domain: the given classes with generic contextual dimensions and templates."""
+    """A user domain: the given classes with PAPER.md's "other" dimensions and prompt template.
+
+    ``superclass`` (e.g. 'bird') is also the domain word the LLM questions name.
+    """
     generic = _load("generic")
     templates = [f"a photo of a {{c}}, a type of {superclass}."] if superclass else generic["templates"]
-    superclass = superclass or generic["superclass"]
     return Domain(
         name=name,
         title=f"{name} ({len(classnames)} classes)",
         classnames=tuple(classnames),
         templates=tuple(templates),
-        superclass=superclass,
-        contextual_dimensions={k: tuple(v) for k, v in generic["contextual_dimensions"].items()},
+        superclass=superclass or generic["superclass"],
         images_per_class=int(generic["images_per_class"]),
         sources={"classnames": "user class file", **generic.get("sources", {})},
+        **{**_prompt_recipe(generic), "domain_word": superclass},
     )
 
 

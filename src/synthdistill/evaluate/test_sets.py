@@ -1,8 +1,9 @@
 """The real test sets: torchvision's dataset classes, CLIP_benchmark's WebDataset mirrors, image folders.
 
-Every test set becomes a :class:`TestSet`: class names and templates (the registry's for registry
-datasets, so the protocol is CLIP_benchmark's) and its images. Nothing is downloaded unless asked.
-An image that cannot be read becomes a marker that the loader drops and counts, so one broken file
+Every test set becomes a :class:`TestSet`: class names, the registry's templates (CLIP_benchmark's,
+for that protocol), the registry dataset it belongs to (for the paper protocol's template) and its
+images. Nothing is downloaded unless asked. An image that cannot be read, and a sample of our own
+shards without its label, become a marker that the loader drops and counts, so one broken file
 neither stops an evaluation nor goes unseen.
 
 Layout under ``data_root`` (what torchvision's classes read; see the README)::
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torchvision.datasets
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 
 from synthdistill.errors import SynthdistillError
@@ -48,10 +49,15 @@ IMAGENET_FOLDERS = ("imagenet100/val", "imagenet/val")
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+class MissingTestSet(SynthdistillError):
+    """A test set whose files are not there: evaluation refuses it, validation during training skips it."""
+
+
 @dataclass
 class TestSet:
     """One test set ready to evaluate: either ``images`` (map-style, yielding ``(PIL image, label)``
-    as torchvision's classes do) or ``shards`` (CLIP_benchmark tar shards: image + ``.cls`` label)."""
+    as torchvision's classes do) or ``shards`` (CLIP_benchmark tar shards: image + ``.cls`` label).
+    ``dataset``: the registry dataset whose classes these are (None for a user's own classes)."""
 
     __test__ = False  # not a pytest test class
 
@@ -63,6 +69,7 @@ class TestSet:
     num_images: int
     images: Dataset | None = None
     shards: tuple[Path, ...] = ()
+    dataset: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -168,6 +175,7 @@ def load_mirror(
     classnames: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
     headline_metric: str = "top1",
+    dataset: str | None = None,
 ) -> TestSet:
     """A CLIP_benchmark WebDataset folder (``test/*.tar``, ``classnames.txt``,
     ``zeroshot_classification_templates.txt``) as a test set.
@@ -215,6 +223,7 @@ def load_mirror(
         headline_metric=headline_metric,
         num_images=sum(count_samples(s) for s in shards),
         shards=tuple(shards),
+        dataset=dataset,
     )
 
 
@@ -233,7 +242,7 @@ def _imagenet100(domain: Domain, root: Path) -> TestSet:
     candidates = [root / f for f in IMAGENET_FOLDERS]
     folder = next((c for c in candidates if c.is_dir()), None)
     if folder is None:
-        raise SynthdistillError(
+        raise MissingTestSet(
             f"Dataset 'imagenet100' not found: expected ImageNet's validation images in class folders "
             f"'{candidates[0]}/<wnid>/' or '{candidates[1]}/<wnid>/' (torchvision ImageFolder layout)."
         )
@@ -255,6 +264,7 @@ def _imagenet100(domain: Domain, root: Path) -> TestSet:
         headline_metric=domain.headline_metric,
         num_images=len(images),
         images=images,
+        dataset=domain.name,
     )
 
 
@@ -278,7 +288,7 @@ def _torchvision_test_set(domain: Domain, root: Path, download: bool) -> TestSet
     if missing and not download:
         mirrors = " or ".join(f"'{m}'" for m in mirror_folders(domain.name, root)[:2])
         which = f" (missing: {', '.join(missing)})" if len(missing) < len(expected) else ""
-        raise SynthdistillError(
+        raise MissingTestSet(
             f"Dataset '{domain.name}' not found: torchvision's {spec.torchvision_class} expects "
             f"{', '.join(repr(f'{root}/{e}') for e in expected)}{which}; "
             f"download it with --download, or put CLIP_benchmark's WebDataset mirror at {mirrors}."
@@ -315,12 +325,14 @@ def _torchvision_test_set(domain: Domain, root: Path, download: bool) -> TestSet
         headline_metric=domain.headline_metric,
         num_images=len(images),
         images=images,
+        dataset=domain.name,
     )
 
 
 def registry_test_set(name: str, data_root: str | Path, download: bool = False) -> TestSet:
     """A registry dataset's real test split: its WebDataset mirror ``<data_root>/wds_<name>`` when one
-    is there, else torchvision's class over ``data_root`` (downloading only when ``download``)."""
+    is there, else torchvision's class over ``data_root`` (downloading only when ``download``).
+    Raises :class:`MissingTestSet` when its files are not there."""
     domain = get_dataset(name)
     root = Path(data_root).expanduser()
     if domain.eval is None:
@@ -328,11 +340,16 @@ def registry_test_set(name: str, data_root: str | Path, download: bool = False) 
     for folder in mirror_folders(name, root):
         if _mirror_shards(folder):
             return load_mirror(
-                folder, domain.name, domain.classnames, domain.templates, domain.headline_metric
+                folder, domain.name, domain.classnames, domain.templates, domain.headline_metric, domain.name
             )
     if domain.wnids:
         return _imagenet100(domain, root)
     return _torchvision_test_set(domain, root, download)
+
+
+def _registry_name(domain: Domain | None) -> str | None:
+    """The registry dataset a domain is (a user's class list has no test split, hence no ``eval``)."""
+    return domain.name if domain is not None and domain.eval is not None else None
 
 
 def _folder_key(name: str) -> str:
@@ -351,6 +368,7 @@ def image_folder_test_set(path: str | Path, domain: Domain | None = None) -> Tes
     if not path.is_dir():
         raise SynthdistillError(f"Image folder '{path}' does not exist.")
     headline = domain.headline_metric if domain else "top1"
+    dataset = _registry_name(domain)
     if list_shards(path):
         return synthetic_test_set(path, domain)
     if _mirror_shards(path):
@@ -359,6 +377,7 @@ def image_folder_test_set(path: str | Path, domain: Domain | None = None) -> Tes
             classnames=domain.classnames if domain else None,
             templates=domain.templates if domain else None,
             headline_metric=headline,
+            dataset=dataset,
         )
     try:
         images = ImageFolder(str(path))
@@ -395,21 +414,37 @@ def image_folder_test_set(path: str | Path, domain: Domain | None = None) -> Tes
         headline_metric=headline,
         num_images=len(images),
         images=images,
+        dataset=dataset,
     )
 
 
-class _SyntheticImages(Dataset):
-    """Our own generated shards as ``(PIL image or None, class_index)``; None marks an unreadable image."""
+class _SyntheticShard(Dataset):
+    """One of our own generated shards as ``(PIL image or None, class_index)``. None marks a sample to
+    skip and count: an unreadable image, or a sample without the ``class_index`` of its ``.json``
+    (logged with the shard and key: a label cannot be guessed)."""
 
-    def __init__(self, samples: ShardSamples):
-        self.samples = samples
+    def __init__(self, shard: Path):
+        self.shard = shard
+        try:
+            self.samples = ShardSamples([shard])
+        except SynthdistillError as e:  # whatever the reader refuses (unreadable, truncated, ...)
+            raise SynthdistillError(
+                f"Synthetic test shard '{shard}' cannot be read ({str(e).rstrip('.')}); "
+                "regenerate it (`synthdistill generate` redraws a missing shard) or remove it."
+            ) from None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Image.Image | None, int]:
         sample = self.samples[index]
-        return decode_image(sample.image), int(sample.meta["class_index"])
+        label = sample.meta.get("class_index")
+        if not isinstance(label, int) or isinstance(label, bool):
+            log.warning(
+                "Shard '%s' sample '%s' has no class_index in a .json; skipped.", self.shard, sample.key
+            )
+            return None, -1
+        return decode_image(sample.image), label
 
 
 def synthetic_test_set(shards_dir: str | Path, domain: Domain | None) -> TestSet:
@@ -417,20 +452,25 @@ def synthetic_test_set(shards_dir: str | Path, domain: Domain | None) -> TestSet
 
     Not a substitute for a real test set: it measures how closely the student follows its teacher
     on synthetic images, which is what a run without real test data (the smoke recipe) can report.
+    A shard the reader refuses is named in one sentence, before any model loads.
     """
     if domain is None:
         raise SynthdistillError(
             f"Evaluating the synthetic shards in '{shards_dir}' needs their classes: --classes or --dataset."
         )
-    samples = ShardSamples(list_shards(shards_dir))
+    shards = list_shards(shards_dir)
+    if not shards:
+        raise SynthdistillError(f"'{shards_dir}' holds no shards (shard-*.tar): generate images first.")
+    images = ConcatDataset([_SyntheticShard(shard) for shard in shards])
     return TestSet(
         name=f"{domain.name} (synthetic)",
         source=f"synthetic shards {shards_dir}",
         classnames=domain.classnames,
         templates=domain.templates,
         headline_metric=domain.headline_metric,
-        num_images=len(samples),
-        images=_SyntheticImages(samples),
+        num_images=len(images),
+        images=images,
+        dataset=_registry_name(domain),
     )
 
 
