@@ -305,7 +305,7 @@ def test_killed_run_resumes_to_the_same_weights_and_the_same_log(tmp_path, shard
     process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (killed / "config.json").exists()
-    (checkpoint,) = (tmp_path / "killed" / "checkpoints").iterdir()
+    (checkpoint,) = (tmp_path / "killed" / "checkpoints").glob("step-*")  # (a kill mid-save leaves a .tmp)
     logged_before = [line for line in read_log(killed) if "loss" in line]
     assert logged_before and logged_before[-1]["step"] >= int(checkpoint.name.removeprefix("step-"))
 
@@ -318,3 +318,13 @@ def test_killed_run_resumes_to_the_same_weights_and_the_same_log(tmp_path, shard
     assert without_time(read_log(killed)) == without_time(read_log(straight))
     starts = [line for line in read_log(killed) if line.get("event") == "start"]
     assert [s["step"] for s in starts] == [0, int(checkpoint.name.removeprefix("step-"))]
+
+
+def test_a_resumed_log_keeps_the_lines_up_to_the_checkpoint_and_drops_a_torn_one(tmp_path):
+    from synthdistill.train.log import truncate_log
+
+    path = tmp_path / LOG_NAME
+    lines = [{"event": "start", "step": 0}, *({"step": s, "loss": 1.0 / s} for s in range(1, 6))]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 6, "lo')
+    truncate_log(path, 3)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == lines[:4]

@@ -43,7 +43,10 @@ def truncate_log(path: Path, step: int) -> None:
         return
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except ValueError:  # the last line of a process killed while writing it
+            continue
         if record.get("step", 0) <= step and record.get("event") != "stopped":
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
