@@ -155,6 +155,12 @@ def build_student(config: DistillConfig, teacher: Teacher, seed: int) -> Student
         )
 
 
+def input_layout(student: nn.Module, device: torch.device) -> torch.memory_format:
+    """channels_last for a convolutional student on a GPU (cuDNN's fast layout), else as is."""
+    convolutional = any(isinstance(m, nn.Conv2d) for m in student.modules())
+    return torch.channels_last if device.type == "cuda" and convolutional else torch.contiguous_format
+
+
 def train_steps(
     data: TrainData, epochs: int, log: TrainLog, step: int, stop_step: int | None
 ) -> Iterator[tuple[int, int, TrainStep]]:
@@ -273,6 +279,8 @@ def distill_student(
         needs_class_text = samples is not None and loss.needs_text
         class_text = class_text_embeddings(teacher, domain, samples) if needs_class_text else None
         distiller = Distiller(student, loss, class_text).to(device)
+        layout = input_layout(student, device)
+        distiller.to(memory_format=layout)
 
         # Data: streamed train_data with the teacher in the loop, or replayable views of the shards
         # with the teacher's features from the cache or from the teacher in the loop.
@@ -336,7 +344,8 @@ def distill_student(
         started, epoch = time.perf_counter(), data.start_epoch
         for step, epoch, batch in train_steps(data, config.epochs, log, start_step, stop_after_steps):
             with autocast(device, config.precision):
-                batch_loss, student_features = model(batch.images, batch.targets, batch.labels, batch.texts)
+                images = batch.images.contiguous(memory_format=layout)
+                batch_loss, student_features = model(images, batch.targets, batch.labels, batch.texts)
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(distiller.parameters(), config.grad_clip or math.inf)
