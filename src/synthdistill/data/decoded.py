@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from synthdistill.config import config_hash
 from synthdistill.data.augment import Batch, pad_images
 from synthdistill.fileio import atomic_write_json, exclusive_lock, read_json, temporary_name
-from synthdistill.runtime import DistEnv, barrier
+from synthdistill.runtime import DistEnv, barrier, waiting_group
 from synthdistill.shards import ShardSamples, decode_image
 
 logger = logging.getLogger(__name__)
@@ -96,12 +96,13 @@ def open_or_build_decoded(
     key = config_hash(STORE_FORMAT, shards_id)
     path, meta_path = store_dir / f"images-{key}.npy", store_dir / f"images-{key}.json"
     built = False
+    patient = waiting_group(env)  # the other ranks may wait long for a big store: no NCCL timeout
     if env.is_main and not meta_path.is_file():
         with exclusive_lock(store_dir / f".images-{key}.lock", "the decoded images", wait=True):
             if not meta_path.is_file():  # another process may have built it while we waited
                 build_decoded(path, meta_path, samples)
                 built = True
-    barrier(env)
+    barrier(env, patient)
     meta = read_json(meta_path)
     return DecodedImages(
         path,
