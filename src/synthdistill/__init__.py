@@ -25,7 +25,7 @@ _API = {
     "resolve_domain": "synthdistill.registry",
     "write_prompts": "synthdistill.prompts",
     "generate_images": "synthdistill.generate",
-    "export_student": "synthdistill.export",
+    "export_student": "synthdistill.deploy.export",
     "run_pipeline": "synthdistill.pipeline",
     "write_report": "synthdistill.report",
     "load_teacher": "synthdistill.teacher",
