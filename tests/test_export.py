@@ -373,3 +373,28 @@ def test_results_that_are_not_evaluates_are_refused_in_one_sentence(tiny_export,
             eval_results=foreign,
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_fp16_alone_is_written_from_an_fp32_reference_that_is_not_kept(tiny_export, classifier, tmp_path):
+    out = tmp_path / "export"
+    config = ExportConfig(
+        formats=["onnx"],
+        precision=["fp16"],
+        calibration_images=8,
+        agreement_images=64,
+        sample_images=str(tiny_export.root / "shards"),
+        bench=False,
+    )
+    summary = export_student(tiny_export.student_dir, tiny_export.domain, out, config)
+    assert sorted(p.name for p in out.iterdir()) == [CARD_NAME, LABELS_NAME, "model.fp16.onnx"]
+    (form,) = summary.forms
+    assert form.written and form.agreement >= 0.99 and form.held_out_images == 64
+    model = onnx.load(str(out / "model.fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    info = ModelInfo.from_json(json.loads((out / LABELS_NAME).read_text()), "labels.json")
+    samples = read_sample_images(tiny_export.root / "shards", info, 8, 64)
+    session = ort.InferenceSession(str(out / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    fp16_top1 = session.run(["logits"], {"images": samples.held_out})[0].argmax(axis=1)
+    with torch.inference_mode():
+        torch_top1 = classifier(torch.from_numpy(samples.held_out))[0].argmax(dim=1).numpy()
+    assert np.mean(fp16_top1 == torch_top1) >= 0.99
