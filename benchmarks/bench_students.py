@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synthdistill.deploy.export import TeacherImageTower, quantize_int8, write_onnx
+from synthdistill.deploy.export import TeacherImageTower, write_onnx
+from synthdistill.deploy.forms import quantize_int8
 from synthdistill.deploy.latency import (
     CPU_PROVIDER,
     LATENCY_BATCHES,
@@ -152,6 +153,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="Time budget per measurement (default 3, quick 0.3).")
     parser.add_argument("--min-runs", type=int, help="Timed runs at least (default 5, quick 1).")
     parser.add_argument(
+        "--warmup", type=int, help="Untimed runs before each measurement (default 3, quick 1)."
+    )
+    parser.add_argument(
         "--threads", type=int, default=usable_cpus(), help="Intra-op threads (default: all usable)."
     )
     parser.add_argument("--json", metavar="FILE", help="Also write the measurements as JSON.")
@@ -160,7 +164,7 @@ def main() -> None:
     names = list(dict.fromkeys(presets + args.models))
     seconds = args.seconds or (0.3 if args.quick else 3.0)
     min_runs = args.min_runs or (1 if args.quick else 5)
-    warmup = 1 if args.quick else 3
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as folder:

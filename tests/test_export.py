@@ -21,8 +21,8 @@ from synthdistill.deploy.export import (
     TEACHER_TOWER,
     TORCHSCRIPT_INFO,
     export_student,
-    read_sample_images,
 )
+from synthdistill.deploy.forms import read_sample_images
 from synthdistill.deploy.latency import Timing, count_flops, time_calls
 from synthdistill.deploy.predict import EXPORT_FORMAT_VERSION, LABELS_NAME, ModelInfo
 from synthdistill.deploy.zero_shot import classifier_for_domain
