@@ -211,6 +211,12 @@ def test_bad_input_is_refused_with_one_clear_line(tiny_export, onnx_model, tmp_p
         ),
         "needs the classes: pass --labels": lambda: predict_student(lone_student, image),
         "is a student folder, which runs on PyTorch": lambda: predict(tiny_export.student_dir, image),
+        "either --labels or --dataset / --classes": lambda: predict_student(
+            tiny_export.student_dir,
+            image,
+            labels=tiny_export.out_dir / "labels.json",
+            domain=tiny_export.domain,
+        ),
         "is not a file, a folder or a glob": lambda: predict(onnx_model, [str(tmp_path / "missing.png")]),
         "matches no file": lambda: predict(onnx_model, [str(tmp_path / "*.gif")]),
         "neither an exported .onnx file nor an export folder": lambda: predict(tmp_path / "ok.png", image),

@@ -154,6 +154,8 @@ def predict_student(
     student_dir = Path(student_dir)
     if top_k < 1 or batch_size < 1:
         raise SynthdistillError("--top-k and --batch-size must be at least 1.")
+    if labels is not None and domain is not None:
+        raise SynthdistillError("Pass either --labels or --dataset / --classes, not both.")
     cache = run_head_cache(student_dir.parent)
     head_cache = cache if cache.is_dir() else None
     if domain is not None:
