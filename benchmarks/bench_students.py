@@ -12,8 +12,9 @@ warm-up; every figure is also given as the teacher's multiple::
     python benchmarks/bench_students.py --quick               # TinyViT-5M, EfficientNet-B0, teacher; < 2 min
     python benchmarks/bench_students.py --models resnet18 --only --seconds 5
 
-``--quick`` also exports with torch's older TorchScript-based ONNX exporter (seconds per model instead
-of the dynamo exporter's tens of seconds), so its graphs may differ a little from what export ships.
+``--quick`` calibrates int8 on one image and exports with torch's older TorchScript-based ONNX
+exporter (seconds per model instead of the dynamo exporter's tens of seconds), so its graphs may
+differ a little from what export ships.
 """
 
 from __future__ import annotations
@@ -87,7 +88,14 @@ def _encoders(names: list[str]):
 
 
 def measure(
-    names: list[str], seconds: float, min_runs: int, warmup: int, threads: int, folder: Path, dynamo: bool
+    names: list[str],
+    seconds: float,
+    min_runs: int,
+    warmup: int,
+    threads: int,
+    folder: Path,
+    dynamo: bool,
+    calibration_images: int,
 ) -> list[Row]:
     rows = []
     for name, module, size, parameters, outputs in _encoders(names):
@@ -103,7 +111,7 @@ def measure(
         write_onnx(module, fp32, size, 18, outputs, name, dynamo=dynamo)
         phases["quantize"] = time.perf_counter()
         int8 = fp32.with_suffix(".int8.onnx")
-        calibration = np.random.default_rng(0).random((CALIBRATION_IMAGES, 3, size, size)).astype(np.float32)
+        calibration = np.random.default_rng(0).random((calibration_images, 3, size, size)).astype(np.float32)
         quantize_int8(fp32, int8, calibration)
         phases["FLOPs"] = time.perf_counter()
         macs = count_flops(module, torch.zeros(1, 3, size, size)) // 2
@@ -177,7 +185,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as folder:
-        rows = measure(names, seconds, min_runs, warmup, args.threads, Path(folder), dynamo=not args.quick)
+        rows = measure(
+            names,
+            seconds,
+            min_runs,
+            warmup,
+            args.threads,
+            Path(folder),
+            dynamo=not args.quick,
+            calibration_images=1 if args.quick else CALIBRATION_IMAGES,
+        )
     header = (
         f"ONNX Runtime, CPUExecutionProvider, {args.threads} intra-op threads; median over a {seconds:g} s "
         f"budget per figure (at least {min_runs} runs, after {warmup} warm-up); random weights and input; "
