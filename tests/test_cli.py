@@ -59,3 +59,56 @@ def test_version_flag_prints_the_package_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"synthdistill {synthdistill.__version__}"
+
+
+def test_a_hint_names_the_failing_commands_own_flag_or_its_set_key(tmp_path, capsys):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    argv = ["evaluate", "--teacher-only", "--teacher", "tiny", "--datasets", "pets"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--data-root", str(empty), "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert "download it with --download," in err and "evaluate.download" not in err
+
+
+def test_hints_are_rendered_per_command_and_as_keywords_in_the_api():
+    from synthdistill.cli.common import cli_style
+    from synthdistill.errors import SynthdistillError, argument, setting
+
+    error = SynthdistillError(
+        f"pass {setting('prompts.llm')}, {setting('evaluate.download', 'true')} or "
+        f"{argument('--force', 'force=True')}"
+    )
+    assert str(error) == "pass prompts.llm=PATH, evaluate.download=true or force=True"
+    under_run = error.render(cli_style({"device": "device"}))
+    assert under_run == "pass --set prompts.llm=PATH, --set evaluate.download=true or --force"
+    under_stage = error.render(cli_style({"llm": "prompts.llm", "download": "evaluate.download"}))
+    assert under_stage == "pass --llm PATH, --download or --force"
+
+
+def test_run_with_classes_and_no_superclass_warns_which_word_is_used(tmp_path, capsys):
+    classes = tmp_path / "birds.txt"
+    classes.write_text("robin\nwren\n")
+    run = tmp_path / "run"
+    main(["run", "configs/smoke.yaml", "--classes", str(classes), "--run-dir", str(run), "--until", "prompts",
+          "--no-report", "--set", "superclass=null"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "warning: no --superclass" in captured.err and "'object'" in captured.err
+    lines = (run / "prompts.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 16 and '"robin"' in lines[0]
+    main(["run", "configs/smoke.yaml", "--classes", str(classes), "--superclass", "bird",
+          "--run-dir", str(tmp_path / "run2"), "--until", "prompts", "--no-report"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err
+    assert '"superclass": "bird"' in (tmp_path / "run2" / "prompts.jsonl").read_text()
+
+
+def test_a_student_overlay_on_a_named_recipe_gets_a_suffixed_run_name():
+    from synthdistill.config import load_recipe
+
+    assert load_recipe(["configs/smoke.yaml", "configs/students/efficientnet_b0.yaml"]).name == (
+        "smoke-efficientnet_b0"
+    )
+    assert load_recipe(["configs/pets.yaml", "configs/students/efficientnet_b0.yaml"]).name == (
+        "pets-efficientnet_b0"
+    )

@@ -71,8 +71,11 @@ def test_changed_config_is_refused_and_from_redoes(tmp_path):
     recipe = smoke_recipe(tmp_path / "run")
     run_pipeline(recipe, until="prompts", report=False, echo=quiet)
     changed = smoke_recipe(tmp_path / "run", "prompts.per_class=3")
-    with pytest.raises(SynthdistillError, match="another config"):
+    with pytest.raises(SynthdistillError, match=r"prompts\.per_class: 16 -> 3\); use force=True") as refused:
         run_pipeline(changed, until="prompts", report=False, echo=quiet)
+    assert "start_from='prompts'" in str(refused.value) and "--" not in str(refused.value)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "per_class: 16" in saved  # the refused recipe is not saved
     result = run_pipeline(changed, until="prompts", start_from="prompts", report=False, echo=quiet)
     assert result.stages["prompts"] == "done"
     assert len((tmp_path / "run" / "prompts.jsonl").read_text().splitlines()) == 5 * 3

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthdistill import identity
-from synthdistill.config import STAGES, RecipeConfig, dump_recipe
-from synthdistill.errors import SynthdistillError
+from synthdistill.config import STAGES, RecipeConfig, dump_recipe, hashed_settings
+from synthdistill.errors import SynthdistillError, argument
 from synthdistill.registry import Domain, resolve_domain
 from synthdistill.rundir import RunDir
 from synthdistill.runtime import DistEnv, barrier, dist_env, init_distributed, resolve_device, waiting_group
@@ -55,6 +55,16 @@ def stage_identities(recipe: RecipeConfig, domain: Domain, device_type: str) -> 
     ids["evaluate"] = identity.evaluation_identity(ids["distill"], recipe.evaluate, domain, own_shards)
     ids["export"] = identity.export_identity(ids["distill"], domain, recipe.export, ids["evaluate"])
     return ids
+
+
+RUN_KEYS = ("dataset", "classes_file", "superclass", "seed")
+
+
+def stage_settings(recipe: RecipeConfig, stage: str) -> dict[str, object]:
+    """A stage's result settings as flat recipe keys (``distill.epochs``) and the run-level keys
+    every stage depends on: recorded in the manifest, so a refused rerun names what changed."""
+    own = {f"{stage}.{key}": value for key, value in hashed_settings(getattr(recipe, stage)).items()}
+    return {key: getattr(recipe, key) for key in RUN_KEYS} | own
 
 
 def _as_dict(summary: object) -> dict:
@@ -149,7 +159,10 @@ def _stage_range(start_from: str | None, until: str | None) -> list[str]:
     first = STAGES.index(start_from) if start_from else 0
     last = STAGES.index(until) if until else len(STAGES) - 1
     if first > last:
-        raise SynthdistillError(f"--from {start_from} comes after --until {until}.")
+        raise SynthdistillError(
+            f"{argument(f'--from {start_from}', f'start_from={start_from!r}')} comes after "
+            f"{argument(f'--until {until}', f'until={until!r}')}."
+        )
     return list(STAGES[first : last + 1])
 
 
@@ -188,16 +201,19 @@ def run_pipeline(
     if env.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         run.remove_stale_temporaries()
-        run.write_config(dump_recipe(recipe))
     runners = _stage_runners(recipe, domain, run)
     result = RunResult(run_dir=run.root)
+    config_written = False
     for stage in STAGES:
         if stage not in selected:
             result.stages[stage] = "not run"
             continue
         redo = start_from is not None  # every selected stage comes at or after --from
         if env.is_main:
-            done = run.begin_stage(stage, identities[stage], force=force or redo, redo=redo)
+            settings = stage_settings(recipe, stage)
+            done = run.begin_stage(
+                stage, identities[stage], force=force or redo, redo=redo, settings=settings
+            )
         barrier(env, group)
         if not env.is_main:  # rank 0 has decided and recorded it
             done = run.stage_record(stage)["status"] == "done"
@@ -205,6 +221,9 @@ def run_pipeline(
             echo(f"[{stage}] already done under this config, skipped")
             result.stages[stage] = "skipped"
             continue
+        if env.is_main and not config_written:  # the recipe of what is on disk, never of a refused run
+            run.write_config(dump_recipe(recipe))
+            config_written = True
         echo(f"[{stage}] {_describe(stage, recipe, domain, run)}")
         started = time.time()
         summary = None
