@@ -20,6 +20,7 @@ from pathlib import Path
 from synthdistill import identity
 from synthdistill.config import STAGES, RecipeConfig, dump_recipe, hashed_settings
 from synthdistill.errors import SynthdistillError, argument
+from synthdistill.preflight import check_inputs
 from synthdistill.registry import Domain, resolve_domain
 from synthdistill.rundir import RunDir
 from synthdistill.runtime import DistEnv, barrier, dist_env, init_distributed, resolve_device, waiting_group
@@ -166,6 +167,23 @@ def _stage_range(start_from: str | None, until: str | None) -> list[str]:
     return list(STAGES[first : last + 1])
 
 
+def pending_stages(
+    run: RunDir, selected: list[str], identities: dict[str, str], start_from: str | None
+) -> list[str]:
+    """The selected stages that will run: all of them under ``start_from``, else those not recorded
+    as done under their identity."""
+    if start_from is not None:
+        return selected
+    done = {
+        stage
+        for stage in selected
+        if (record := run.stage_record(stage))
+        and record["status"] == "done"
+        and record["config_hash"] == identities[stage]
+    }
+    return [stage for stage in selected if stage not in done]
+
+
 def _silent(_: str) -> None:
     pass
 
@@ -195,6 +213,8 @@ def run_pipeline(
     device = resolve_device(recipe.device, env)
     # rank 0 alone decides and records; the others would hash local weights for nothing
     identities = stage_identities(recipe, domain, device.type) if env.is_main else {}
+    if env.is_main:  # everything the stages still to run need, before any of them starts
+        check_inputs(recipe, domain, pending_stages(run, selected, identities, start_from))
     if env.is_distributed:
         init_distributed(env, device)
     group = waiting_group(env)

@@ -330,6 +330,21 @@ def _torchvision_test_set(domain: Domain, root: Path, download: bool) -> TestSet
     )
 
 
+def test_set_on_disk(name: str, data_root: str | Path) -> bool:
+    """Whether a registry dataset's test split is under ``data_root`` (a WebDataset mirror,
+    ImageNet's class folders or torchvision's files), looked up without reading it: the pipeline
+    checks every input before any work starts."""
+    domain = get_dataset(name)
+    root = Path(data_root).expanduser()
+    if domain.eval is None:
+        return False
+    if any(_mirror_shards(folder) for folder in mirror_folders(name, root)):
+        return True
+    if domain.wnids:
+        return any((root / folder).is_dir() for folder in IMAGENET_FOLDERS)
+    return not _missing(root, _expected_files(domain.eval))
+
+
 def registry_test_set(name: str, data_root: str | Path, download: bool = False) -> TestSet:
     """A registry dataset's real test split: its WebDataset mirror ``<data_root>/wds_<name>`` when one
     is there, else torchvision's class over ``data_root`` (downloading only when ``download``).
