@@ -1,19 +1,29 @@
 """Stage 2 with the tiny random diffusion pipelines: shards, determinism, scale-out, resume, bad input."""
 
+import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
+import synthdistill
 from synthdistill.cli import main
 from synthdistill.config import GenerateConfig
 from synthdistill.errors import SynthdistillError
+from synthdistill.fileio import exclusive_lock
 from synthdistill.generate import (
+    effective_lora,
     generate_images,
+    image_settings,
     load_text2image_pipeline,
     read_prompts,
     to_stored_pixels,
@@ -23,6 +33,7 @@ from synthdistill.generate import (
 from synthdistill.runtime import DistEnv, derive_seed
 from synthdistill.shards import ShardSamples, decode_image, list_shards, read_index
 from synthdistill.tiny import create_tiny_diffusion_pipeline
+from test_shards import filling_disk
 
 NUM_PROMPTS = 10
 SHARD_SIZE = 4  # 10 prompts -> shards of 4, 4, 2
@@ -169,7 +180,11 @@ def test_interrupted_run_resumes_to_the_complete_duplicate_free_result(prompts_f
     out_dir, _ = reference
     with pytest.raises(KeyboardInterrupt):
         generate_images(prompts_file, tmp_path, tiny_config(), fail_after=6, device="cpu")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "shard-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "index.json",
+        "shard-000000.json",
+        "shard-000000.tar",
+    ]
     assert read_index(tmp_path)["complete"] is False
 
     resumed = generate_images(prompts_file, tmp_path, tiny_config(), device="cpu")
@@ -344,3 +359,164 @@ def test_cli_defaults_to_the_recipe_run_directory(prompts_file, reference, tmp_p
     assert "10 images" in capsys.readouterr().out
     out_dir, _ = reference
     assert shard_bytes(run_dir / "shards") == shard_bytes(out_dir)
+
+
+def cli_command(prompts, out_dir):
+    """The generate command a user would run for the module's reference settings (no --lora: the
+    'auto' default must give the tiny model no LoRA, offline)."""
+    return [
+        sys.executable, "-m", "synthdistill", "generate", "--prompts", str(prompts), "--out", str(out_dir),
+        "--model", "tiny", "--batch-size", "4", "--device", "cpu",
+        "--set", f"generate.shard_size={SHARD_SIZE}",
+    ]  # fmt: skip
+
+
+def subprocess_env(**extra):
+    src = str(Path(synthdistill.__file__).parents[1])
+    path = os.pathsep.join([*extra.pop("first_on_path", []), src, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
+
+
+def leftovers(out_dir):
+    return sorted(p.name for p in out_dir.iterdir() if ".tmp-" in p.name or p.name.endswith(".lock"))
+
+
+def test_broken_utf8_is_refused_with_file_and_line(tmp_path):
+    lines = [json.dumps(line).encode() for line in prompt_lines(3)]
+    lines[1] = lines[1].replace(b"class 1", b"class \xff1")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(SynthdistillError, match=f"Line 2 of '{prompts}' .*not valid UTF-8"):
+        generate_images(prompts, tmp_path / "shards", tiny_config(), device="cpu")
+    assert not (tmp_path / "shards").exists()
+
+
+def test_the_lcm_lora_default_applies_to_the_default_sdxl_model_only():
+    default = GenerateConfig()
+    assert effective_lora(default.model, default.lora) == "latent-consistency/lcm-lora-sdxl"
+    assert effective_lora("tiny", "auto") is None
+    assert effective_lora("some/other-model", "auto") is None
+    assert effective_lora("tiny", "/my/lora.safetensors") == "/my/lora.safetensors"
+    assert image_settings(GenerateConfig(model="tiny"))["lora"] is None
+
+
+def test_image_settings_are_exactly_the_settings_that_change_images():
+    base = GenerateConfig(model="tiny", lora=None)
+    assert set(image_settings(base)) == {
+        "model", "lora", "vae", "scheduler", "steps", "guidance", "resolution", "negative_prompt",
+        "store_size", "jpeg_quality", "precision", "prompt_weighting", "safety_checker", "shard_size",
+        "filter",
+    }  # fmt: skip
+    for speed_only in ({"batch_size": 1}, {"compile": True}):
+        assert image_settings(dataclasses.replace(base, **speed_only)) == image_settings(base)
+    changes = {
+        "model": "tiny-sdxl", "lora": "x.safetensors", "vae": "v", "scheduler": "default", "steps": 2,
+        "guidance": 2.0, "resolution": 32, "negative_prompt": "blurry", "store_size": 32, "jpeg_quality": 90,
+        "precision": "fp16", "prompt_weighting": "none", "safety_checker": True, "shard_size": 3,
+        "filter": "teacher",
+    }  # fmt: skip
+    for key, value in changes.items():
+        assert image_settings(dataclasses.replace(base, **{key: value})) != image_settings(base), key
+
+
+def test_a_rerun_redraws_a_cut_short_and_a_corrupt_shard_to_the_same_bytes(prompts_file, reference, tmp_path):
+    out_dir, _ = reference
+    shutil.copytree(out_dir, tmp_path, dirs_exist_ok=True)
+    cut = tmp_path / "shard-000001.tar"
+    cut.write_bytes(cut.read_bytes()[:3000])
+    corrupt = tmp_path / "shard-000002.tar"
+    data = bytearray(corrupt.read_bytes())
+    data[1500:1600] = bytes(100)  # inside the first image: same size, same sample count
+    corrupt.write_bytes(bytes(data))
+
+    summary = generate_images(prompts_file, tmp_path, tiny_config(), device="cpu")
+    assert (summary.shards_redrawn, summary.shards_written, summary.shards_skipped) == (2, 2, 1)
+    assert shard_bytes(tmp_path) == shard_bytes(out_dir)
+    assert read_index(tmp_path) == read_index(out_dir)
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_no_partial_shard(
+    prompts_file, reference, tmp_path, monkeypatch
+):
+    from synthdistill import shards
+
+    out_dir, _ = reference
+    first = (out_dir / "shard-000000.tar").stat().st_size
+    monkeypatch.setattr(shards, "open", filling_disk(first + 4000), raising=False)  # room for one shard
+    with pytest.raises(SynthdistillError, match=f"The disk holding '{tmp_path}' is full") as error:
+        generate_images(prompts_file, tmp_path, tiny_config(), device="cpu")
+    assert "\n" not in str(error.value)
+    assert leftovers(tmp_path) == []
+    assert [p.name for p in list_shards(tmp_path)] == ["shard-000000.tar"]
+    monkeypatch.undo()
+    generate_images(prompts_file, tmp_path, tiny_config(), device="cpu")
+    assert shard_bytes(tmp_path) == shard_bytes(out_dir)
+
+
+@pytest.mark.slow
+def test_a_second_process_leaves_a_shard_being_written_to_its_writer(prompts_file, reference, tmp_path):
+    out_dir, _ = reference
+    with exclusive_lock(tmp_path / ".shard-000000.lock", "shard shard-000000.tar"):  # this process writes it
+        result = subprocess.run(
+            cli_command(prompts_file, tmp_path),
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "1 shards are being written by another process" in result.stdout
+        assert [p.name for p in list_shards(tmp_path)] == ["shard-000001.tar", "shard-000002.tar"]
+        assert read_index(tmp_path)["complete"] is False
+    summary = generate_images(prompts_file, tmp_path, tiny_config(), device="cpu")
+    assert (summary.shards_written, summary.shards_skipped, summary.complete) == (1, 2, True)
+    assert shard_bytes(tmp_path) == shard_bytes(out_dir)
+    assert leftovers(tmp_path) == []
+
+
+KILLER = """
+import os, signal
+from synthdistill import shards
+point = os.environ["SYNTHDISTILL_TEST_KILL"]
+if point == "mid-shard":
+    _write = shards.ShardWriter.write
+    def write(self, key, files):
+        _write(self, key, files)
+        if key == "00000005":  # the second image of shard 1
+            os.kill(os.getpid(), signal.SIGKILL)
+    shards.ShardWriter.write = write
+else:  # between the shard's record and its rename
+    _record = shards.atomic_write_json
+    def atomic_write_json(path, value):
+        _record(path, value)
+        if path.name == "shard-000001.json":
+            os.kill(os.getpid(), signal.SIGKILL)
+    shards.atomic_write_json = atomic_write_json
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["mid-shard", "before-rename"])
+def test_a_killed_run_resumes_to_identical_shards_and_leaves_nothing_behind(
+    prompts_file, reference, tmp_path, point
+):
+    out_dir, _ = reference
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    shards_dir = tmp_path / "shards"
+    env = subprocess_env(first_on_path=[str(hooks)], SYNTHDISTILL_TEST_KILL=point)
+    killed = subprocess.run(cli_command(prompts_file, shards_dir), env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert leftovers(shards_dir)  # the killed writer's temporary shard, and its lock file
+    resumed = subprocess.run(
+        cli_command(prompts_file, shards_dir),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert shard_bytes(shards_dir) == shard_bytes(out_dir)
+    assert read_index(shards_dir) == read_index(out_dir)
+    assert leftovers(shards_dir) == []

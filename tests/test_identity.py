@@ -97,17 +97,25 @@ def test_a_result_setting_changes_its_identity_and_every_downstream_one(stage, n
     assert changed == list(STAGES[first:])
 
 
+@pytest.mark.parametrize("generator", identity.LLM_GENERATORS)
 @pytest.mark.parametrize("name", identity.LLM_SETTINGS)
-def test_llm_settings_count_only_for_the_llm_generator(name):
+def test_llm_settings_count_only_for_the_llm_generators(name, generator):
     recipe, domain = smoke()
     f = next(f for f in dataclasses.fields(recipe.prompts) if f.name == name)
     template = identity.prompts_identity(domain, recipe.prompts, 0, "cpu")
     setattr(recipe.prompts, name, other_value(f, getattr(recipe.prompts, name)))
     assert identity.prompts_identity(domain, recipe.prompts, 0, "cpu") == template
-    recipe.prompts.generator = "llm"
+    recipe.prompts.generator = generator
     llm = identity.prompts_identity(domain, recipe.prompts, 0, "cpu")
     setattr(recipe.prompts, name, other_value(f, getattr(recipe.prompts, name)))
     assert identity.prompts_identity(domain, recipe.prompts, 0, "cpu") != llm
+
+
+def test_the_registry_wording_of_prompts_counts_for_the_prompts():
+    recipe, domain = smoke()
+    before = identity.prompts_identity(domain, recipe.prompts, 0, "cpu")
+    reworded = dataclasses.replace(domain, prompt_template="A photo of a {c}+++ , {d1}, {d2}, {d3}, {d4}")
+    assert identity.prompts_identity(reworded, recipe.prompts, 0, "cpu") != before
 
 
 @pytest.mark.parametrize("name", identity.STREAM_SETTINGS)

@@ -28,7 +28,15 @@ def test_one_paper_recipe_per_dataset():
         teacher = (recipe.distill.teacher, recipe.distill.teacher_pretrained)
         assert teacher == ("ViT-B-32", "datacomp_xl_s13b_b90k")
         assert (recipe.distill.loss, recipe.distill.epochs, recipe.distill.batch_size) == ("fd", 96, 256)
-        assert recipe.distill.lr == 5e-4 and recipe.generate.steps == 4
+        assert recipe.distill.lr == 5e-4
+        generate = recipe.generate
+        assert (generate.steps, generate.guidance, generate.resolution, generate.precision) == (
+            6,
+            0.5,
+            1024,
+            "fp16",
+        )
+        assert (generate.scheduler, generate.prompt_weighting, generate.store_size) == ("lcm", "compel", 512)
 
 
 @pytest.mark.parametrize("path", STUDENTS, ids=lambda p: p.stem)

@@ -171,7 +171,11 @@ class GenerateConfig:
     model: str = option(
         "stabilityai/stable-diffusion-xl-base-1.0", "Diffusers model id, local folder or 'tiny'."
     )
-    lora: str | None = option("latent-consistency/lcm-lora-sdxl", "LoRA fused into the UNet (none: null).")
+    lora: str | None = option(
+        "auto",
+        "LoRA fused into the UNet: hub id, folder or .safetensors file; 'auto': the LCM-LoRA for the "
+        "default SDXL model, none for any other model; null: none.",
+    )
     scheduler: str = option(
         "lcm", "Scheduler: 'lcm' or 'default' (the pipeline's own).", choices=("lcm", "default")
     )
@@ -195,6 +199,26 @@ class GenerateConfig:
     vae: str | None = option(None, "Replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix); null: the model's.")
     compile: bool = option(False, "torch.compile the UNet.", hashed=False)
     safety_checker: bool = option(False, "Keep the pipeline's safety checker (off by default).")
+    prompt_weighting: str = option(
+        "auto",
+        "Compel prompt weighting ('cat++', '(a cat)1.2'): auto (for prompts with weighting syntax), "
+        "compel (every prompt) or none (raw text).",
+        choices=("auto", "compel", "none"),
+    )
+    filter: str = option(
+        "none",
+        "teacher: redraw images the filter model does not classify (zero-shot) as their class; "
+        "none: keep all.",
+        choices=("none", "teacher"),
+    )
+    filter_model: str = option("ViT-B-32", "open_clip model of the teacher filter, or 'tiny'.")
+    filter_pretrained: str | None = option("openai", "Its open_clip pretrained tag or local checkpoint file.")
+    filter_retries: int = option(
+        3, "Redraws (each with a new recorded seed) of an image the filter rejects.", bounds="[0, inf)"
+    )
+    filter_keep_failed: bool = option(
+        True, "Keep an image the filter still rejects after the retries (false: drop it)."
+    )
 
 
 @dataclass

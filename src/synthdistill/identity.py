@@ -37,9 +37,20 @@ from synthdistill.registry import Domain
 IDENTITY_VERSION = 1
 """Folded into every identity: bump it when what an identity covers changes."""
 
-LLM_SETTINGS = ("llm", "llm_batch_size", "llm_max_new_tokens", "options_per_dimension", "llm_temperature")
-"""Prompt settings only the ``llm`` generator reads. ``llm_batch_size`` is a result setting: batched,
-left-padded decoding rounds differently per batch, and one flipped token changes the whole answer."""
+LLM_SETTINGS = (
+    "llm",
+    "llm_batch_size",
+    "llm_max_new_tokens",
+    "llm_temperature",
+    "llm_top_k",
+    "llm_top_p",
+    "llm_retries",
+)
+"""Prompt settings only the LLM generators (``llm``, ``paper``) read. ``llm_batch_size`` is a result
+setting: batched, left-padded decoding rounds differently per batch, and one flipped token changes
+the whole answer."""
+
+LLM_GENERATORS = ("llm", "paper")
 
 CACHE_SETTINGS = ("cache_views", "cache_dtype")
 """Distill settings read only with ``cache_teacher: true``."""
@@ -158,13 +169,20 @@ def prompts_identity(domain: Domain, config: PromptsConfig, seed: int, device_ty
     (``per_class`` resolved against the domain's); the run seed (image seeds derive from it); every
     prompts setting except the LLM's under the template generator; the LLM's weights by content and
     the device type it decodes on (bf16 on a GPU, fp32 on a CPU)."""
-    llm = config.generator == "llm"
+    llm = config.generator in LLM_GENERATORS
     settings = _settings(config, unread=() if llm else LLM_SETTINGS)
     if llm:
         settings["llm"] = weights_identity(config.llm)
         settings["llm_device"] = "cuda" if device_type == "cuda" else "cpu"
     per_class = config.per_class if config.per_class is not None else domain.images_per_class
-    return digest(IDENTITY_VERSION, "prompts", _classes(domain), per_class, seed, settings)
+    wording = {  # what the registry contributes to the prompt text beyond the classes
+        "domain_word": domain.domain_word,
+        "prompt_template": domain.prompt_template,
+        "plain_prompt": domain.plain_prompt,
+        "options_per_dimension": domain.options_per_dimension,
+        "dimension_questions": domain.dimension_questions,
+    }
+    return digest(IDENTITY_VERSION, "prompts", _classes(domain), wording, per_class, seed, settings)
 
 
 def llm_progress_identity(

@@ -3,12 +3,22 @@
 A sample is the files ``<key>.<ext>`` that share a key (``.jpg`` image, ``.json`` metadata), so
 plain ``webdataset`` reads our shards too. A shard is written under a temporary name and renamed
 when complete: a shard file that exists is a finished shard.
+
+Beside each shard ``shard-000000.tar`` the writer leaves its record ``shard-000000.json``
+(sample count, byte size, SHA-256 and whatever the writer adds), written before the shard is
+renamed into place. It is a separate file, not a tar member, so plain ``webdataset`` readers never
+see it, and a shard can be checked against it: a tar cut short reads as a shorter but valid
+archive, which only the record (and the end-of-archive blocks) reveal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -20,12 +30,21 @@ from PIL import Image
 from synthdistill.errors import SynthdistillError
 from synthdistill.fileio import atomic_write_json, read_json, temporary_name
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_NAME = "index.json"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""The errors that mean "no room left": the disk is full or the user's quota is used up."""
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def record_path(shard: str | Path) -> Path:
+    """The record written beside a shard: ``shard-000000.tar`` -> ``shard-000000.json``."""
+    return Path(shard).with_suffix(".json")
 
 
 @dataclass
@@ -38,18 +57,29 @@ class Sample:
     meta: dict
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class ShardWriter:
     """Writes one shard; the file appears under its final name only on :meth:`commit`.
 
     Used as a context manager, it commits when the block succeeds and discards otherwise.
     Entries carry fixed mtimes and owners, so the same samples give byte-identical shards.
+    ``record`` adds fields to the shard's record (e.g. generation counts).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, record: dict | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.record = dict(record or {})
         self._tmp = temporary_name(self.path)
-        self._tar = tarfile.open(self._tmp, "w")  # noqa: SIM115 (closed by commit or abort)
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed by commit or abort)
+        self._tar = tarfile.open(fileobj=self._file, mode="w")  # noqa: SIM115
         self.count = 0
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
@@ -62,12 +92,26 @@ class ShardWriter:
         self.count += 1
 
     def commit(self) -> Path:
+        """Finish the archive, write its record, then rename it into place."""
         self._tar.close()
+        self._file.close()
+        record = {
+            "name": self.path.name,
+            "count": self.count,
+            "bytes": self._tmp.stat().st_size,
+            "sha256": file_sha256(self._tmp),
+            **self.record,
+        }
+        atomic_write_json(record_path(self.path), record)
         os.replace(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
-        self._tar.close()
+        """Drop the temporary file, even when closing it fails (a full disk fails again on close)."""
+        with contextlib.suppress(OSError):
+            self._tar.close()
+        with contextlib.suppress(OSError):
+            self._file.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
@@ -75,7 +119,11 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
 
@@ -102,9 +150,22 @@ def list_shards(directory: str | Path) -> list[Path]:
     return sorted(Path(directory).glob("shard-*.tar"))
 
 
+def read_record(shard: str | Path) -> dict | None:
+    """The shard's record, or None when it has none (shards from elsewhere) or it is unreadable."""
+    path = record_path(shard)
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("name") == Path(shard).name else None
+
+
 def write_index(directory: str | Path, info: dict) -> None:
-    """``index.json``: the shards with their sample counts, plus whatever the writer adds."""
-    shards = [{"name": p.name, "count": count_samples(p)} for p in list_shards(directory)]
+    """``index.json``: the shards with their records (or counted samples), plus whatever the writer adds."""
+    shards = []
+    for path in list_shards(directory):
+        record = read_record(path)
+        shards.append(record if record is not None else {"name": path.name, "count": count_samples(path)})
     atomic_write_json(
         Path(directory) / INDEX_NAME, {**info, "shards": shards, "total": sum(s["count"] for s in shards)}
     )
@@ -115,10 +176,10 @@ def read_index(directory: str | Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
-def _group_members(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+def _group_members(members: Sequence[tarfile.TarInfo]) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
     """Consecutive tar members grouped by key, as webdataset groups them."""
     key, group = None, {}
-    for member in tar:
+    for member in members:
         if not member.isfile():
             continue
         stem, _, ext = member.name.rpartition("/")[2].partition(".")
@@ -131,9 +192,61 @@ def _group_members(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfil
         yield key, group
 
 
+def _archive_members(path: Path) -> list[tarfile.TarInfo]:
+    """The members of a complete archive; raises ValueError saying how the file is cut short.
+
+    tarfile reads a tar cut mid-member, or without its end-of-archive blocks, as a shorter valid
+    archive; here the last member's data must lie inside the file and be followed by the two zero
+    blocks every tar writer appends.
+    """
+    size = path.stat().st_size
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    end = 0
+    if members:
+        last = members[-1]
+        end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    if end > size:
+        raise ValueError(f"cut short inside '{members[-1].name}'")
+    with open(path, "rb") as handle:
+        handle.seek(end)
+        tail = handle.read(2 * tarfile.BLOCKSIZE)
+    if tail != bytes(2 * tarfile.BLOCKSIZE):
+        raise ValueError("cut short: the end-of-archive blocks are missing")
+    return members
+
+
+def check_shard(
+    path: str | Path, members: Sequence[tarfile.TarInfo] | None = None, full: bool = False
+) -> str:
+    """Why the shard is incomplete or corrupt ('' when it is fine), checked against its record.
+
+    Checks the archive's structure, then the record's sample count and byte size; ``full`` also
+    compares the SHA-256 (a read of the whole file; generate does it before keeping a shard).
+    A shard without a record (made elsewhere) is checked for its structure only.
+    """
+    path = Path(path)
+    try:
+        members = _archive_members(path) if members is None else members
+    except (OSError, tarfile.TarError, ValueError) as e:
+        return str(e) or type(e).__name__
+    record = read_record(path)
+    if record is None:
+        return ""
+    count = sum(1 for _ in _group_members(members))
+    if count != record.get("count"):
+        return f"{count} samples where its record says {record.get('count')}"
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        return f"{size} bytes where its record says {record.get('bytes')}"
+    if full and file_sha256(path) != record.get("sha256"):
+        return "its content differs from its record (SHA-256)"
+    return ""
+
+
 def count_samples(path: str | Path) -> int:
     with tarfile.open(path) as tar:
-        return sum(1 for _ in _group_members(tar))
+        return sum(1 for _ in _group_members(tar.getmembers()))
 
 
 @dataclass(frozen=True)
@@ -153,38 +266,65 @@ class ShardSamples(Sequence):
     The index holds byte offsets, so a sample is one seek and one read: data loaders, samplers
     and exact resume work as with any in-memory list. Decoding is left to the caller, who counts
     unreadable images.
+
+    Every shard is checked against its record (structure, sample count, byte size) when opened:
+    an incomplete or corrupt shard is refused with its name, or, with ``skip_bad=True``, left out,
+    logged and listed in :attr:`skipped_shards` as ``(path, reason)`` for the caller to count.
     """
 
-    def __init__(self, shards: Sequence[str | Path]):
+    def __init__(self, shards: Sequence[str | Path], skip_bad: bool = False):
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
-        self.shards = [Path(s) for s in shards]
-        if not self.shards:
+        if not shards:
             raise SynthdistillError("No shards given: generate images first (`synthdistill generate`).")
+        self.shards: list[Path] = []
+        self.skipped_shards: list[tuple[Path, str]] = []
         self._locations: list[_Location] = []
-        for number, path in enumerate(self.shards):
+        for path in map(Path, shards):
             if not path.is_file():
                 raise SynthdistillError(f"Shard '{path}' does not exist.")
             try:
-                with tarfile.open(path) as tar:
-                    for key, members in _group_members(tar):
-                        image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-                        if image_ext is None:
-                            continue
-                        image, meta = members[image_ext], members.get("json")
-                        self._locations.append(
-                            _Location(
-                                number,
-                                key,
-                                image_ext,
-                                image.offset_data,
-                                image.size,
-                                meta.offset_data if meta else -1,
-                                meta.size if meta else 0,
-                            )
-                        )
+                members = _archive_members(path)
+                reason = check_shard(path, members)
             except tarfile.TarError as e:
-                raise SynthdistillError(f"Shard '{path}' is not a readable tar file ({e}).") from None
+                members, reason = [], f"not a readable tar file ({e})"
+            except ValueError as e:
+                members, reason = [], f"incomplete: {e}"
+            if reason:
+                if not skip_bad:
+                    raise SynthdistillError(
+                        f"Shard '{path}' is incomplete or corrupt ({reason}); rerun `synthdistill generate` "
+                        "on its folder to redraw it, or remove it."
+                    )
+                log.warning("skipping shard %s: %s", path, reason)
+                self.skipped_shards.append((path, reason))
+                continue
+            self._add_shard(path, members)
+        if not self.shards and self.skipped_shards:
+            raise SynthdistillError(
+                f"No readable shard among the {len(self.skipped_shards)} given (the first, "
+                f"'{self.skipped_shards[0][0]}': {self.skipped_shards[0][1]}); regenerate them."
+            )
+
+    def _add_shard(self, path: Path, members: Sequence[tarfile.TarInfo]) -> None:
+        number = len(self.shards)
+        self.shards.append(path)
+        for key, group in _group_members(members):
+            image_ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+            if image_ext is None:
+                continue
+            image, meta = group[image_ext], group.get("json")
+            self._locations.append(
+                _Location(
+                    number,
+                    key,
+                    image_ext,
+                    image.offset_data,
+                    image.size,
+                    meta.offset_data if meta else -1,
+                    meta.size if meta else 0,
+                )
+            )
 
     def __len__(self) -> int:
         return len(self._locations)

@@ -93,15 +93,6 @@ class Teacher:
         return F.normalize(embeddings.mean(dim=1), dim=-1).T.contiguous()
 
 
-def _teacher_key(teacher: Teacher) -> str:
-    """The teacher's identity, plus size and mtime when its weights are a local file (a cache key)."""
-    path = Path(teacher.pretrained) if teacher.pretrained else None
-    if path is not None and path.is_file():
-        stat = path.stat()
-        return f"{teacher.identity}:{stat.st_size}:{stat.st_mtime_ns}"
-    return teacher.identity
-
-
 def cached_zero_shot_head(
     teacher: Teacher,
     classnames: Sequence[str],
@@ -117,13 +108,14 @@ def cached_zero_shot_head(
     which holds its values exactly)."""
     from safetensors.torch import load_file, save_file
 
-    from synthdistill.config import config_hash
     from synthdistill.fileio import atomic_path
+    from synthdistill.identity import digest, zero_shot_head_identity
 
     if cache_dir is None:
         return teacher.build_zero_shot_head(classnames, templates, amp_dtype).float()
-    precision = [str(amp_dtype)] if amp_dtype is not None else []  # fp32 keys as before
-    key = config_hash(_teacher_key(teacher), label, list(classnames), list(templates), *precision)
+    key = zero_shot_head_identity(teacher.name, teacher.pretrained, classnames, templates, label)
+    if amp_dtype is not None:  # CLIP_benchmark's mixed-precision head is another entry
+        key = digest(key, str(amp_dtype))
     path = Path(cache_dir) / f"{label}-{key}.safetensors"
     if path.is_file():
         head = load_file(str(path))["head"]

@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Diffusers model id, local folder, 'tiny' or 'tiny-sdxl' (recipe key: generate.model).",
     )
     parser.add_argument(
+        "--lora",
+        help="LoRA fused into the UNet: hub id, folder or .safetensors file; 'null' for none "
+        "(recipe key: generate.lora; default 'auto': the LCM-LoRA for the default SDXL model only).",
+    )
+    parser.add_argument(
         "--batch-size", type=int, help="Images drawn at once (recipe key: generate.batch_size)."
     )
     parser.add_argument(
@@ -46,7 +51,11 @@ def generate_command(args: argparse.Namespace) -> None:
     from synthdistill.generate import generate_images
     from synthdistill.rundir import RunDir
 
-    recipe = recipe_from_args(args, {"model": "generate.model", "batch_size": "generate.batch_size"})
+    if args.lora is not None and args.lora.lower() in ("null", "none"):
+        args.lora, args.overrides = None, ["generate.lora=null", *args.overrides]
+    recipe = recipe_from_args(
+        args, {"model": "generate.model", "lora": "generate.lora", "batch_size": "generate.batch_size"}
+    )
     run = RunDir(recipe.run_path)
     summary = generate_images(
         args.prompts or run.prompts,
@@ -67,6 +76,20 @@ def generate_command(args: argparse.Namespace) -> None:
         print(
             f"{summary.images_retried} NaN/black images redrawn with a new seed, "
             f"{summary.images_failed} of them still unusable and skipped"
+        )
+    if summary.filter is not None:
+        counts = summary.filter
+        print(
+            f"teacher filter: {counts['kept_first_time']} kept at once, {counts['kept_after_redraw']} after "
+            f"a redraw, {counts['kept_failed']} kept although rejected, {counts['dropped']} dropped "
+            f"({counts['redraws']} redraws)"
+        )
+    if summary.shards_redrawn:
+        print(f"{summary.shards_redrawn} shards were cut short or corrupt and have been drawn again")
+    if summary.shards_busy:
+        print(
+            f"{summary.shards_busy} shards are being written by another process right now and were left "
+            "to it; rerun when it has finished to check the folder is complete"
         )
     if summary.peak_gpu_memory_gib is not None:
         print(f"peak GPU memory: {summary.peak_gpu_memory_gib:.2f} GiB")

@@ -32,9 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthdistill.config import PromptsConfig, config_hash, hashed_settings
+from synthdistill.config import PromptsConfig
 from synthdistill.errors import SynthdistillError
 from synthdistill.fileio import atomic_path
+from synthdistill.identity import llm_progress_identity
 from synthdistill.prompts import paper, scenes
 from synthdistill.prompts.design import choose_combinations, design_size
 from synthdistill.prompts.llm import ChatModel, LLMProgress, Sampling, load_chat_model, progress_path
@@ -47,7 +48,7 @@ from synthdistill.prompts.templates import (
     subject_phrase,
 )
 from synthdistill.registry import Domain
-from synthdistill.runtime import derive_seed
+from synthdistill.runtime import derive_seed, resolve_device
 
 GENERATORS = ("paper", "template", "plain", "llm")
 WEIGHTED = ("paper", "template")  # generators whose prompts use the weighted templates
@@ -298,15 +299,7 @@ def write_prompts(
         )
     else:
         chat = chat_model or load_chat_model(config.llm, device, config.llm_batch_size)
-        identity = {
-            "classnames": domain.classnames,
-            "class_superclasses": [domain.superclass_of(c) for c in domain.classnames],
-            "dimensions": domain.contextual_dimensions,
-            "questions": domain.dimension_questions,
-            "domain_word": domain.domain_word,
-            "templates": domain.templates,
-        }
-        key = config_hash(PROGRESS_FORMAT, identity, hashed_settings(config), per_class, seed)
+        key = llm_progress_identity(domain, config, seed, resolve_device(device).type, PROGRESS_FORMAT)
         progress = LLMProgress(progress_path(out_path), key)
         sampling = _sampling(config)
         summary_extra["llm"] = config.llm
