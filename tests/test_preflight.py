@@ -30,7 +30,16 @@ def test_a_paper_recipe_offline_lists_every_missing_input_with_its_key_before_an
     tmp_path, offline_empty_cache
 ):
     run = tmp_path / "run"
-    recipe = load_recipe(CONFIGS / "pets.yaml", [f"run_dir={run}", f"evaluate.data_root={tmp_path / 'data'}"])
+    data = tmp_path / "data"
+    recipe = load_recipe(
+        CONFIGS / "pets.yaml",
+        [
+            f"run_dir={run}",
+            f"evaluate.data_root={data}",
+            "generate.filter=teacher",
+            "generate.vae=madebyollin/sdxl-vae-fp16-fix",
+        ],
+    )
     with pytest.raises(SynthdistillError) as refused:
         run_pipeline(recipe, echo=lambda _: None)
     message = str(refused.value)
@@ -40,10 +49,11 @@ def test_a_paper_recipe_offline_lists_every_missing_input_with_its_key_before_an
         ("generate.lora", "latent-consistency/lcm-lora-sdxl"),
         ("generate.vae", "madebyollin/sdxl-vae-fp16-fix"),
         ("distill.teacher_pretrained", "datacomp_xl_s13b_b90k"),
+        ("generate.filter_pretrained", "openai"),
     ]:
         assert f"{key} '{name}' is not in the local cache" in message and f"{key}=PATH" in message
     assert "test set 'pets'" in message and "evaluate.download=true" in message
-    assert "6 inputs missing" in message
+    assert "7 inputs missing" in message
     assert not (run / "manifest.json").exists() and not (run / "config.yaml").exists()
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from synthdistill.config import GenerateConfig
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, setting
 from synthdistill.fileio import exclusive_lock
 from synthdistill.runtime import DistEnv, derive_seed, dist_env, resolve_device
 from synthdistill.shards import (
@@ -255,7 +255,7 @@ def _loading(key: str, name: str, local: str = "a local folder") -> Iterator[Non
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         raise SynthdistillError(
-            f"Cannot load {key} '{name}' ({reason}); pass {local} with --set {key}=PATH, "
+            f"Cannot load {key} '{name}' ({reason}); pass {local} with {setting(key)}, "
             "or allow network access so it can be downloaded."
         ) from None
 

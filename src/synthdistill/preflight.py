@@ -49,14 +49,21 @@ def _model(key: str, name: str, instead: str, files: tuple[str, ...] = ()) -> Ne
     return Need(key, name, instead, repo=name, files=files)
 
 
-def _open_clip_weights(model: str, pretrained: str) -> Need:
-    """A teacher's pretrained tag: where open_clip would fetch it from (its hub repo and file, or a URL
-    into ~/.cache/clip), or a local file."""
+def _open_clip_weights(model_key: str, key: str, model: str, pretrained: str | None) -> list[Need]:
+    """An open_clip model's weights (a teacher's, the filter's): its pretrained tag where open_clip
+    would fetch it from (its hub repo and file, or a URL into ~/.cache/clip), or a local file; an
+    ``hf-hub:`` model by its repo. ``tiny`` needs nothing."""
     import open_clip
 
-    key, instead = "distill.teacher_pretrained", "a local open_clip checkpoint file"
+    if is_tiny(model):
+        return []
+    if model.startswith("hf-hub:"):
+        return [_model(model_key, model[7:], "a local open_clip model")]
+    if not pretrained:
+        return []
+    instead = "a local open_clip checkpoint file"
     if _looks_local(pretrained) or Path(pretrained).expanduser().exists():
-        return Need(key, pretrained, instead, path=Path(pretrained).expanduser())
+        return [Need(key, pretrained, instead, path=Path(pretrained).expanduser())]
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
     hub = cfg.get("hf_hub", "")
     if hub:
@@ -65,12 +72,12 @@ def _open_clip_weights(model: str, pretrained: str) -> Need:
         repo, filename = os.path.split(hub)
         filename = filename or HF_WEIGHTS_NAME
         safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else Path(filename).stem + ".safetensors"
-        return Need(key, pretrained, instead, repo=repo, files=(safe, filename))
+        return [Need(key, pretrained, instead, repo=repo, files=(safe, filename))]
     url = cfg.get("url", "")
     if url:
         cached = Path("~/.cache/clip").expanduser() / os.path.basename(url)
-        return Need(key, pretrained, instead, url_cache=cached)
-    return Need(key, pretrained, instead)  # open_clip itself refuses an unknown tag, naming the known ones
+        return [Need(key, pretrained, instead, url_cache=cached)]
+    return []  # open_clip itself refuses an unknown tag, naming the known ones
 
 
 def recipe_needs(recipe: RecipeConfig, domain: Domain, stages: Sequence[str]) -> list[Need]:
@@ -86,18 +93,26 @@ def recipe_needs(recipe: RecipeConfig, domain: Domain, stages: Sequence[str]) ->
             needs.append(
                 _model("generate.model", generate.model, "a local diffusers folder", ("model_index.json",))
             )
-        if generate.lora:
-            needs.append(_model("generate.lora", generate.lora, "a LoRA folder or .safetensors file"))
+        from synthdistill.generate import effective_lora
+
+        lora = effective_lora(generate.model, generate.lora)
+        if lora:
+            needs.append(_model("generate.lora", lora, "a LoRA folder or .safetensors file"))
         if generate.vae:
             needs.append(
                 _model("generate.vae", generate.vae, "a local diffusers VAE folder", ("config.json",))
             )
+        if generate.filter == "teacher":
+            needs += _open_clip_weights(
+                "generate.filter_model",
+                "generate.filter_pretrained",
+                generate.filter_model,
+                generate.filter_pretrained,
+            )
     if "distill" in stages:
-        if not is_tiny(distill.teacher):
-            if distill.teacher.startswith("hf-hub:"):
-                needs.append(_model("distill.teacher", distill.teacher[7:], "a local open_clip model"))
-            elif distill.teacher_pretrained:
-                needs.append(_open_clip_weights(distill.teacher, distill.teacher_pretrained))
+        needs += _open_clip_weights(
+            "distill.teacher", "distill.teacher_pretrained", distill.teacher, distill.teacher_pretrained
+        )
         local = {"distill.init": (distill.init, "a student or checkpoint folder")}
         if isinstance(distill.student_pretrained, str) and _looks_local(distill.student_pretrained):
             local["distill.student_pretrained"] = (distill.student_pretrained, "a local weights file")
