@@ -256,9 +256,12 @@ def run_pipeline(
                 record["images_in_shards"] = (read_index(run.shards) or {}).get("total")
             run.finish_stage(stage, identities[stage], record)
         result.stages[stage] = "done"
-    if report and env.is_main:
-        from synthdistill.report import write_report
+    if env.is_main:
+        from synthdistill.report import headline_lines, write_report
 
+        for line in headline_lines(run):
+            echo(line)
+    if report and env.is_main:
         result.report = write_report(run.root)
         echo(f"report: {result.report} (and {result.report.with_suffix('.html')})")
     return result
