@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from synthdistill.cli import main
@@ -112,3 +114,27 @@ def test_a_student_overlay_on_a_named_recipe_gets_a_suffixed_run_name():
     assert load_recipe(["configs/pets.yaml", "configs/students/efficientnet_b0.yaml"]).name == (
         "pets-efficientnet_b0"
     )
+
+
+def test_predict_json_lists_skipped_files_with_the_reason(tmp_path, capsys, make_image):
+    import json
+
+    import torch
+
+    from synthdistill.student import create_student, save_student
+    from synthdistill.teacher import load_teacher
+
+    teacher = load_teacher("tiny")
+    torch.manual_seed(0)
+    student = create_student("tiny", teacher.embed_dim, preprocessing=teacher.preprocessing, teacher="tiny")
+    save_student(student, tmp_path / "student")
+    make_image(1).save(tmp_path / "good.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    images = [str(tmp_path / "good.jpg"), str(tmp_path / "broken.jpg")]
+    main(["predict", "--student", str(tmp_path / "student"), "--classes", str(classes), "--json", *images])
+    rows = {Path(row["path"]).name: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"good.jpg", "broken.jpg"}
+    assert len(rows["good.jpg"]["top_k"]) == 2 and "skipped" not in rows["good.jpg"]
+    assert rows["broken.jpg"]["skipped"].startswith("it ") and "top_k" not in rows["broken.jpg"]
