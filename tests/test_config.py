@@ -78,8 +78,10 @@ def test_choices_and_ranges_are_validated():
         "distill.lr=.nan",
         "distill.lr=.inf",
         "distill.image_size=0",
-        "distill.aug_scale_min=2",
-        "distill.aug_scale_min=0",
+        "distill.aug_scale=[0.5,2]",
+        "distill.aug_scale=[0,1]",
+        "distill.aug_scale=[0.9,0.5]",
+        "distill.aug_hflip=1.5",
         "generate.store_size=0",
         "generate.jpeg_quality=0",
         "generate.jpeg_quality=101",
@@ -122,7 +124,7 @@ def test_in_range_edges_are_accepted():
         None,
         [
             "distill.grad_clip=null",
-            "distill.aug_scale_min=1",
+            "distill.aug_scale=[1,1]",
             "generate.jpeg_quality=100",
             "generate.guidance=0",
             "generate.resolution=520",
@@ -132,7 +134,7 @@ def test_in_range_edges_are_accepted():
             "distill.train_num_samples=1000",
         ],
     )
-    assert recipe.distill.grad_clip is None and recipe.distill.aug_scale_min == 1.0
+    assert recipe.distill.grad_clip is None and recipe.distill.aug_scale == [1.0, 1.0]
     assert recipe.generate.resolution == 520 and recipe.distill.resampled
 
 

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -9,15 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from synthdistill.augment import Augmentation, ViewDataset
 from synthdistill.cli import main
 from synthdistill.config import DistillConfig
-from synthdistill.distill import LOG_NAME, ShardViewSource, distill
+from synthdistill.data.augment import EpochBatches, ViewDataset, view_loader
 from synthdistill.errors import SynthdistillError
 from synthdistill.registry import domain_from_classes, get_dataset
 from synthdistill.runtime import DistEnv
 from synthdistill.shards import ShardSamples, ShardWriter, list_shards, shard_name
 from synthdistill.student import create_student, load_student
+from synthdistill.train import LOG_NAME
+from synthdistill.train import distill_student as distill
+from synthdistill.train.sources import ShardViewSource
 
 CLASSES = ("a", "b", "c")  # what write_shards labels the images with
 
@@ -92,7 +95,7 @@ def test_cached_and_live_teacher_solve_the_same_problem(tmp_path, shards):
         "cached fp32": tiny_config(cache_teacher=True, cache_dtype="fp32"),
         "live": tiny_config(cache_teacher=False),
         "cached fp16": tiny_config(cache_teacher=True),
-        "other views": tiny_config(cache_teacher=False, aug_scale_min=0.5),
+        "other views": tiny_config(cache_teacher=False, aug_scale=[0.5, 1.0]),
     }
     for name, config in runs.items():
         summary = distill(shards, tmp_path / name / "student", config, device="cpu")
@@ -188,18 +191,18 @@ def test_contrastive_losses_train_against_the_class_texts(tmp_path, shards):
         distill(shards, tmp_path / "other", tiny_config(loss="vl"), domain=get_dataset("pets"), device="cpu")
 
 
-def test_ranks_take_disjoint_equal_shares_and_workers_change_nothing(shards, tiny_teacher):
-    dataset = ViewDataset(ShardSamples(list_shards(shards)), Augmentation(0), [tiny_teacher.preprocessing])
+def test_ranks_take_disjoint_equal_shares_and_workers_change_nothing(shards):
+    dataset = ViewDataset(ShardSamples(list_shards(shards)))
     shares = [
-        [batch.indices.tolist() for batch in ShardViewSource(dataset, 4, 0, 2, DistEnv(rank, 0, 3)).loader(1)]
+        [[i for i, _ in batch] for batch in ShardViewSource(48, 4, 0, 2, DistEnv(rank, 0, 3)).batches(1)]
         for rank in range(3)
     ]
     flat = [sorted(i for batch in share for i in batch) for share in shares]
     assert [len(f) for f in flat] == [16, 16, 16] and sorted(sum(flat, [])) == list(range(48))
-    single = ShardViewSource(dataset, 8, 0, 2, DistEnv())
-    in_process = [b.inputs[0] for b in single.loader(3, first_batch=2)]
-    single.workers = 2
-    in_workers = [b.inputs[0] for b in single.loader(3, first_batch=2)]
+    sampler = EpochBatches()
+    sampler.batches = ShardViewSource(48, 8, 0, 2, DistEnv()).batches(3, first_batch=2)
+    in_process = [b.images for b in view_loader(dataset, sampler, 0)]
+    in_workers = [b.images for b in view_loader(dataset, sampler, 2)]
     assert len(in_process) == 4 and all(
         torch.equal(a, b) for a, b in zip(in_process, in_workers, strict=True)
     )
@@ -251,3 +254,77 @@ def test_torchrun_with_two_cpu_processes_completes_and_the_loss_falls(tmp_path, 
 def test_unknown_models_and_offline_weights_are_one_sentence(tmp_path, shards, models, message):
     with pytest.raises(SynthdistillError, match=message):
         distill(shards, tmp_path / "student", tiny_config(**models), device="cpu")
+
+
+def test_decoded_and_worker_pipelines_train_bit_identical_weights(tmp_path, shards):
+    # the paper's augmentation (small crops, bilinear, flips), live teacher and cached teacher
+    paper = dict(aug_scale=[0.08, 1.0], aug_interpolation="bilinear", aug_hflip=0.5)
+    for cache_teacher in (False, True):
+        students = {}
+        for source in ("decoded", "workers"):
+            config = tiny_config(input=source, cache_teacher=cache_teacher, workers=1, epochs=1, **paper)
+            out = tmp_path / f"{source}-{cache_teacher}" / "student"
+            summary = distill(shards, out, config, device="cpu", cache_dir=tmp_path / f"cache-{source}")
+            assert summary.input == source and read_log(out)[0]["input"] == source
+            students[source] = load_file(str(out / "model.safetensors"))
+        decoded, workers = students["decoded"], students["workers"]
+        assert decoded.keys() == workers.keys() and all(torch.equal(decoded[k], workers[k]) for k in decoded)
+    assert (shards.parent / "decoded").is_dir()  # the store lives in the run directory, beside the shards
+
+
+def without_time(lines: list[dict]) -> list[dict]:
+    return [
+        {k: v for k, v in line.items() if k not in ("images_per_s", "images_per_s_per_gpu", "eta_s")}
+        for line in lines
+        if line.get("event") != "start"
+    ]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights_and_the_same_log(tmp_path, shards):
+    """A real SIGKILL of a `python -m synthdistill distill` process after its first checkpoint."""
+    args = [
+        "distill", "--shards", str(shards), "--teacher", "tiny", "--student", "tiny", "--epochs", "6",
+        "--batch-size", "8", "--lr", "2e-3", "--workers", "0", "--device", "cpu",
+        "--set", "distill.teacher_pretrained=null", "--set", "distill.cache_views=2",
+        "--set", "distill.checkpoint_every=5", "--set", "distill.log_every=1",
+    ]  # fmt: skip
+    killed = tmp_path / "killed" / "student"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "synthdistill", "-v", *args, "--out", str(killed)],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in process.stderr:  # blocks until the process says it wrote a checkpoint
+        if line.startswith("checkpoint "):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "config.json").exists()
+    (checkpoint,) = (tmp_path / "killed" / "checkpoints").glob("step-*")  # (a kill mid-save leaves a .tmp)
+    logged_before = [line for line in read_log(killed) if "loss" in line]
+    assert logged_before and logged_before[-1]["step"] >= int(checkpoint.name.removeprefix("step-"))
+
+    main([*args, "--out", str(killed)])
+    straight = tmp_path / "straight" / "student"
+    main([*args, "--out", str(straight)])
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_time(read_log(killed)) == without_time(read_log(straight))
+    starts = [line for line in read_log(killed) if line.get("event") == "start"]
+    assert [s["step"] for s in starts] == [0, int(checkpoint.name.removeprefix("step-"))]
+
+
+def test_a_resumed_log_keeps_the_lines_up_to_the_checkpoint_and_drops_a_torn_one(tmp_path):
+    from synthdistill.train.log import truncate_log
+
+    path = tmp_path / LOG_NAME
+    lines = [{"event": "start", "step": 0}, *({"step": s, "loss": 1.0 / s} for s in range(1, 6))]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 6, "lo')
+    truncate_log(path, 3)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == lines[:4]

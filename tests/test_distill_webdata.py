@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 from synthdistill.cli import main
 from synthdistill.config import DistillConfig
-from synthdistill.distill import caption_texts, distill
 from synthdistill.errors import SynthdistillError
 from synthdistill.shards import ShardWriter
 from synthdistill.student import load_student
+from synthdistill.train import distill_student as distill
+from synthdistill.train.sources import caption_texts
 from test_distill import losses, read_log, tiny_config
 
 SHARDS, PER_SHARD = 6, 8

@@ -21,15 +21,14 @@ from synthdistill.config import GenerateConfig
 from synthdistill.errors import SynthdistillError
 from synthdistill.fileio import exclusive_lock
 from synthdistill.generate import (
-    effective_lora,
     generate_images,
-    image_settings,
     load_text2image_pipeline,
     read_prompts,
     to_stored_pixels,
     unusable,
     work_part,
 )
+from synthdistill.identity import effective_lora, shards_settings
 from synthdistill.runtime import DistEnv, derive_seed
 from synthdistill.shards import ShardSamples, decode_image, list_shards, read_index
 from synthdistill.tiny import create_tiny_diffusion_pipeline
@@ -37,6 +36,11 @@ from test_shards import filling_disk
 
 NUM_PROMPTS = 10
 SHARD_SIZE = 4  # 10 prompts -> shards of 4, 4, 2
+
+
+def image_settings(config):
+    """The shards' settings as generate records them on a CPU."""
+    return shards_settings(config, "cpu")
 
 
 def prompt_lines(n, seed_offset=0):

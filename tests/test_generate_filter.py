@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from synthdistill.config import GenerateConfig
-from synthdistill.generate import generate_images, image_settings, read_prompts
+from synthdistill.generate import generate_images, read_prompts
+from synthdistill.identity import shards_settings
 from synthdistill.runtime import derive_seed
 from synthdistill.shards import ShardSamples, list_shards, read_index
 
@@ -15,6 +16,11 @@ from synthdistill.shards import ShardSamples, list_shards, read_index
 # mostly pass at once, and "class 2" images are redrawn, a few of them until they pass.
 CLASSES = ["dog", "class 2"]
 NUM_PROMPTS = 12
+
+
+def image_settings(config):
+    """The shards' settings as generate records them on a CPU."""
+    return shards_settings(config, "cpu")
 
 
 class BlobPainter:

@@ -18,7 +18,7 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 SPEED_ONLY = {
     "prompts": set(),
     "generate": {"batch_size", "compile"},
-    "distill": {"compile", "workers", "checkpoint_every", "log_every"},
+    "distill": {"compile", "workers", "checkpoint_every", "log_every", "input"},
     "evaluate": {"batch_size", "workers", "download", "precision", "head_cache"},
     "export": {"bench_repeats"},
 }
@@ -27,6 +27,7 @@ SPEED_ONLY = {
 UNREAD = {
     ("prompts", "template"): set(identity.LLM_SETTINGS),
     ("distill", "no train_data"): set(identity.STREAM_SETTINGS),
+    ("generate", "filter none"): set(identity.FILTER_SETTINGS),
 }
 
 
@@ -79,7 +80,7 @@ def test_a_speed_only_setting_changes_no_identity(stage, name):
 def _result_settings():
     for stage in STAGES:
         for f in fields_of(stage, hashed=True):
-            unread = UNREAD.get((stage, "template"), set()) | UNREAD.get((stage, "no train_data"), set())
+            unread = set().union(*(names for (section, _), names in UNREAD.items() if section == stage))
             if f.name not in unread:
                 yield stage, f.name
 
@@ -116,6 +117,19 @@ def test_the_registry_wording_of_prompts_counts_for_the_prompts():
     before = identity.prompts_identity(domain, recipe.prompts, 0, "cpu")
     reworded = dataclasses.replace(domain, prompt_template="A photo of a {c}+++ , {d1}, {d2}, {d3}, {d4}")
     assert identity.prompts_identity(reworded, recipe.prompts, 0, "cpu") != before
+
+
+@pytest.mark.parametrize("name", identity.FILTER_SETTINGS)
+def test_filter_settings_count_only_with_the_filter_on(name):
+    recipe, domain = smoke()
+    f = next(f for f in dataclasses.fields(recipe.generate) if f.name == name)
+    off = stage_identities(recipe, domain, "cpu")["generate"]
+    setattr(recipe.generate, name, other_value(f, getattr(recipe.generate, name)))
+    assert stage_identities(recipe, domain, "cpu")["generate"] == off
+    recipe.generate.filter = "teacher"
+    on = stage_identities(recipe, domain, "cpu")["generate"]
+    setattr(recipe.generate, name, other_value(f, getattr(recipe.generate, name)))
+    assert stage_identities(recipe, domain, "cpu")["generate"] != on
 
 
 @pytest.mark.parametrize("name", identity.STREAM_SETTINGS)

@@ -16,11 +16,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from synthdistill import webdata
 from synthdistill.config import load_recipe
+from synthdistill.data import stream as webdata
+from synthdistill.data.stream import build_train_source, expand_urls, measure_throughput
 from synthdistill.errors import SynthdistillError
 from synthdistill.shards import ShardWriter, encode_sample, shard_name, write_index
-from synthdistill.webdata import build_train_source, expand_urls, measure_throughput
 
 SHARDS, PER_SHARD, SIZE = 6, 5, 16
 CORRUPT = {"s1-2", "s4-0"}  # image bytes that do not decode

@@ -25,6 +25,7 @@ _API = {
     "resolve_domain": "synthdistill.registry",
     "write_prompts": "synthdistill.prompts",
     "generate_images": "synthdistill.generate",
+    "distill_student": "synthdistill.train",
     "export_student": "synthdistill.export",
     "run_pipeline": "synthdistill.pipeline",
     "write_report": "synthdistill.report",

@@ -260,8 +260,29 @@ class DistillConfig:
     precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.", choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the student.", hashed=False)
     workers: int = option(4, "Data-loader worker processes per rank.", hashed=False, bounds="[0, inf)")
-    aug_scale_min: float = option(
-        0.9, "Smallest RandomResizedCrop area (CLIP training uses 0.9).", bounds="(0, 1]"
+    aug_scale: list[float] = option(
+        [0.9, 1.0],
+        "RandomResizedCrop area range [low, high] (CLIP training: [0.9, 1]; the paper: [0.08, 1]).",
+        bounds="(0, 1]",
+        ordered_pair=True,
+    )
+    aug_ratio: list[float] = option(
+        [0.75, 1.3333333],
+        "RandomResizedCrop aspect-ratio range [low, high].",
+        bounds="(0, inf)",
+        ordered_pair=True,
+    )
+    aug_interpolation: str = option(
+        "bicubic", "Resize of the crops: bicubic or bilinear (the paper).", choices=("bicubic", "bilinear")
+    )
+    aug_hflip: float = option(0.0, "Probability of a horizontal flip (the paper: 0.5).", bounds="[0, 1]")
+    input: str = option(
+        "auto",
+        "How images reach the device: decoded (the shards decoded once into a uint8 store), workers "
+        "(decoded by data-loader workers each epoch), or auto (decoded for the run's shards, workers for "
+        "train_data). Both give the same views.",
+        hashed=False,
+        choices=("auto", "decoded", "workers"),
     )
     cache_teacher: bool = option(
         True, "Embed fixed augmented views once with the teacher and replay them (not for train_data)."
@@ -542,6 +563,11 @@ def validate(recipe: RecipeConfig) -> None:
         for f in dataclasses.fields(config):
             if f.name not in STAGES:
                 check_field(f"{prefix}{f.name}", getattr(config, f.name), f.metadata)
+    if recipe.distill.train_data and recipe.distill.input == "decoded":
+        raise ConfigError(
+            "distill.input=decoded is for the run's shards; streamed distill.train_data uses workers "
+            "(set distill.input=auto)."
+        )
     if recipe.classes_file is None and recipe.dataset is None:
         raise ConfigError("A recipe needs a 'dataset' from the registry or a 'classes_file'.")
     if not recipe.evaluate.protocols:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from synthdistill.config import GenerateConfig
 from synthdistill.errors import SynthdistillError, setting
 from synthdistill.fileio import exclusive_lock
+from synthdistill.identity import effective_lora, shards_settings
 from synthdistill.runtime import DistEnv, derive_seed, dist_env, resolve_device
 from synthdistill.shards import (
     DISK_FULL,
@@ -57,49 +58,8 @@ if TYPE_CHECKING:
 BLACK_LEVEL = 2 / 255
 """An image with no pixel brighter than this is black: the safety checker's blank or a failed decode."""
 
-DEFAULT_MODEL_LORAS = {"stabilityai/stable-diffusion-xl-base-1.0": "latent-consistency/lcm-lora-sdxl"}
-"""``generate.lora: auto``: the LCM-LoRA of the default SDXL model; any other model gets none."""
-
 FILTER_TEMPLATE = "a photo of a {c}"
 """The teacher filter's single zero-shot template (PAPER.md, Stage 2)."""
-
-
-def effective_lora(model: str, lora: str | None) -> str | None:
-    """The LoRA that is fused: ``'auto'`` is the default model's LCM-LoRA (none for other models)."""
-    return DEFAULT_MODEL_LORAS.get(model) if lora == "auto" else lora
-
-
-def image_settings(config: GenerateConfig) -> dict:
-    """Every setting the shards' bytes depend on, and nothing else (not batch_size or compile).
-
-    A shard folder made under other image settings is refused (or replaced with --force). The
-    filter's model, weights, retries and keep rule count only when the filter is on.
-    """
-    settings = {
-        "model": config.model,
-        "lora": effective_lora(config.model, config.lora),
-        "vae": config.vae,
-        "scheduler": config.scheduler,
-        "steps": config.steps,
-        "guidance": config.guidance,
-        "resolution": config.resolution,
-        "negative_prompt": config.negative_prompt,
-        "store_size": config.store_size,
-        "jpeg_quality": config.jpeg_quality,
-        "precision": config.precision,
-        "prompt_weighting": config.prompt_weighting,
-        "safety_checker": config.safety_checker,
-        "shard_size": config.shard_size,
-        "filter": config.filter,
-    }
-    if config.filter != "none":
-        settings.update(
-            filter_model=config.filter_model,
-            filter_pretrained=config.filter_pretrained,
-            filter_retries=config.filter_retries,
-            filter_keep_failed=config.filter_keep_failed,
-        )
-    return settings
 
 
 @dataclass(frozen=True)
@@ -782,12 +742,12 @@ def generate_images(
     env = dist_env()
     part, parts = work_part(shard_index, num_shards, env)
     shards_total = math.ceil(len(prompts) / config.shard_size)
-    identity = {"prompts_sha256": prompts_file.sha256, "settings": image_settings(config)}
+    torch_device = resolve_device(device, env)
+    identity = {"prompts_sha256": prompts_file.sha256, "settings": shards_settings(config, torch_device.type)}
     # Another run's shards are cleared before the slow model load, so that processes starting
     # together clear them before any of them has written a shard of its own.
     if _check_folder(out_dir, identity, force):
         _clear_folder(out_dir)
-    torch_device = resolve_device(device, env)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)  # keeps every torchrun rank's CUDA context off GPU 0
     judge = load_filter(config, prompts, torch_device)  # small: a missing filter model fails first

@@ -196,16 +196,37 @@ def llm_progress_identity(
     )
 
 
-def shards_identity(prompts: str, config: GenerateConfig, device_type: str) -> str:
-    """shards/: the prompts' identity and every generate setting except the speed-only ones
-    (``batch_size``: each image has its own generator, so a batch draws the same images up to float
-    rounding; ``compile``); the diffusion model, LoRA and VAE by content when local; precision
-    resolved (auto: fp16 on a GPU, fp32 on a CPU)."""
-    settings = _settings(config)
-    for key in ("model", "lora", "vae"):
-        settings[key] = weights_identity(settings[key])
+DEFAULT_MODEL_LORAS = {"stabilityai/stable-diffusion-xl-base-1.0": "latent-consistency/lcm-lora-sdxl"}
+"""``generate.lora: auto``: the LCM-LoRA of the default SDXL model; any other model gets none."""
+
+FILTER_SETTINGS = ("filter_model", "filter_pretrained", "filter_retries", "filter_keep_failed")
+"""Generate settings read only with ``filter: teacher``."""
+
+
+def effective_lora(model: str, lora: str | None) -> str | None:
+    """The LoRA that is fused: ``'auto'`` is the default model's LCM-LoRA (none for other models)."""
+    return DEFAULT_MODEL_LORAS.get(model) if lora == "auto" else lora
+
+
+def shards_settings(config: GenerateConfig, device_type: str) -> dict:
+    """Every generate setting the shards' bytes depend on, readable (generate names the changed ones
+    when it refuses a folder): all but the speed-only ones (``batch_size``: each image has its own
+    generator, so a batch draws the same images up to float rounding; ``compile``); the LoRA as it is
+    fused (``auto`` resolved); the diffusion model, LoRA, VAE and filter weights by content when
+    local; precision resolved (auto: fp16 on a GPU, fp32 on a CPU); the filter's settings only when
+    the filter is on."""
+    settings = _settings(config, unread=FILTER_SETTINGS if config.filter == "none" else ())
+    settings["lora"] = effective_lora(config.model, config.lora)
+    for key in ("model", "lora", "vae", "filter_pretrained"):
+        if key in settings:
+            settings[key] = weights_identity(settings[key])
     settings["precision"] = effective_precision(config.precision, device_type, on_gpu="fp16")
-    return digest(IDENTITY_VERSION, "shards", prompts, settings)
+    return settings
+
+
+def shards_identity(prompts: str, config: GenerateConfig, device_type: str) -> str:
+    """shards/: the prompts' identity and :func:`shards_settings`."""
+    return digest(IDENTITY_VERSION, "shards", prompts, shards_settings(config, device_type))
 
 
 def shards_folder_identity(folder: str | Path) -> str:

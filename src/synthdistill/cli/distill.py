@@ -86,9 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def distill_command(args: argparse.Namespace) -> None:
-    from synthdistill.distill import distill
     from synthdistill.rundir import RunDir
     from synthdistill.runtime import dist_env
+    from synthdistill.train import distill_student
 
     recipe = recipe_from_args(args, FLAGS)
     run = RunDir(recipe.run_path)
@@ -97,7 +97,7 @@ def distill_command(args: argparse.Namespace) -> None:
             "Both --shards and distill.train_data name the training data; give one (with a recipe that "
             "sets train_data, add --set distill.train_data=null to train on --shards)."
         )
-    summary = distill(
+    summary = distill_student(
         None if recipe.distill.train_data else args.shards or run.shards,
         args.out or run.student,
         recipe.distill,

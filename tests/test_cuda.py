@@ -1,0 +1,131 @@
+"""CUDA-only checks (``pytest -m cuda``; skipped without a GPU): bf16 distillation, fused AdamW,
+DDP over NCCL, export of a CUDA-trained student, SDXL-shaped fp16 generation, a Llama-shaped bf16
+chat model. Random weights of the real architectures: no download. ``benchmarks/gpu_check.py``
+runs them."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def tiny_cuda_config(**overrides):
+    from test_distill import tiny_config
+
+    return tiny_config(precision="bf16", workers=0, **overrides)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, write_shards):
+    return write_shards(tmp_path_factory.mktemp("cuda") / "shards", 96, shard_size=48)
+
+
+def test_bf16_distill_steps_learn_on_the_gpu(tmp_path, shards):
+    from synthdistill.train import distill_student
+    from test_distill import losses
+
+    for source in ("decoded", "workers"):
+        out = tmp_path / source / "student"
+        summary = distill_student(shards, out, tiny_cuda_config(epochs=6, input=source), device="cuda")
+        logged = losses(out)
+        assert summary.completed and all(torch.isfinite(torch.tensor(logged)))
+        assert logged[-1] < logged[0] / 2
+
+
+def test_fused_adamw_matches_the_unfused_step():
+    from synthdistill.config import DistillConfig
+    from synthdistill.train.optim import make_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(64, 32).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0], DistillConfig(), torch.device("cuda"))
+    plain = make_optimizer(models[1], DistillConfig(), torch.device("cpu"))
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x = torch.randn(16, 64, device="cuda")
+    for model, optimizer in zip(models, (fused, plain), strict=True):
+        model(x).square().mean().backward()
+        optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_ddp_over_nccl_on_one_process():
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 4).cuda(), device_ids=[0])
+        model(torch.randn(4, 8, device="cuda")).sum().backward()
+        flag = torch.ones(1, device="cuda")
+        dist.all_reduce(flag)
+        assert flag.item() == 1 and model.module.weight.grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_export_of_a_cuda_trained_student_matches_pytorch(tmp_path, shards):
+    from synthdistill.config import ExportConfig
+    from synthdistill.export import export_student
+    from synthdistill.registry import domain_from_classes
+    from synthdistill.train import distill_student
+
+    out = tmp_path / "student"
+    distill_student(shards, out, tiny_cuda_config(epochs=1), device="cuda")
+    summary = export_student(
+        out, domain_from_classes(["a", "b", "c"]), tmp_path / "export", ExportConfig(bench=False)
+    )
+    assert (tmp_path / "export" / "model.onnx").is_file()
+    assert summary is not None  # export_student checks the ONNX model against PyTorch (export.atol)
+
+
+def test_sdxl_shaped_fp16_generation_with_fp32_vae_decode():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_generate import create_sdxl_shaped_pipeline
+
+    pipe = create_sdxl_shaped_pipeline(torch.device("cuda"), torch.float16)
+    assert pipe.unet.dtype == torch.float16
+    pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16: decoded in fp32
+    generator = torch.Generator("cuda").manual_seed(0)
+    images = pipe("a photo of a cat", num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                  generator=generator).images  # fmt: skip
+    assert images.shape == (1, 3, 1024, 1024)
+    del pipe
+    torch.cuda.empty_cache()
+
+
+def test_llama_shaped_bf16_chat_model_generates_tokens():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from synthdistill.tiny import create_tiny_llm_tokenizer
+
+    tokenizer = create_tiny_llm_tokenizer()
+    config = LlamaConfig(  # Llama-2 7B's shape but for the vocabulary (the tiny byte tokenizer's)
+        vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=4096,
+    )  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Where could a photo of a cat be taken?"}], tokenize=False
+    )
+    inputs = tokenizer([text], return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        output = model.generate(
+            **inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 8
+    del model
+    torch.cuda.empty_cache()
