@@ -138,3 +138,20 @@ def test_predict_json_lists_skipped_files_with_the_reason(tmp_path, capsys, make
     assert set(rows) == {"good.jpg", "broken.jpg"}
     assert len(rows["good.jpg"]["top_k"]) == 2 and "skipped" not in rows["good.jpg"]
     assert rows["broken.jpg"]["skipped"].startswith("it ") and "top_k" not in rows["broken.jpg"]
+
+
+def test_two_distills_into_sibling_folders_keep_their_own_checkpoints(tmp_path, capsys, write_shards):
+    shards = write_shards(tmp_path / "shards", 16, shard_size=16)
+    common = ["distill", "--shards", str(shards), "--teacher", "tiny", "--student", "tiny", "--epochs", "1",
+              "--batch-size", "8", "--workers", "0", "--device", "cpu", "--set", "distill.cache_views=1",
+              "--set", "distill.teacher_pretrained=null", "--set", "distill.checkpoint_every=1"]  # fmt: skip
+    main([*common, "--out", str(tmp_path / "A")])
+    main([*common, "--out", str(tmp_path / "B"), "--lr", "1e-3"])  # other settings: refused if it shared A's
+    for name in ("A", "B"):
+        assert (tmp_path / name / "model.safetensors").is_file()
+        assert [p.name for p in (tmp_path / name / "checkpoints").iterdir()] == ["step-00000002"]
+    assert not (tmp_path / "checkpoints").exists()
+    main([*common, "--out", str(tmp_path / "run" / "student")])  # a run directory's layout
+    assert (tmp_path / "run" / "checkpoints").is_dir() and not (
+        tmp_path / "run" / "student" / "checkpoints"
+    ).exists()
