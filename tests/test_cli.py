@@ -155,3 +155,17 @@ def test_two_distills_into_sibling_folders_keep_their_own_checkpoints(tmp_path, 
     assert (tmp_path / "run" / "checkpoints").is_dir() and not (
         tmp_path / "run" / "student" / "checkpoints"
     ).exists()
+
+
+def test_prompts_warn_when_the_llm_contributed_nothing():
+    from synthdistill.prompts.records import AnswerCounts
+    from synthdistill.prompts.write import PromptsSummary
+
+    def summary(prompt_answers: AnswerCounts) -> PromptsSummary:
+        return PromptsSummary("p.jsonl", "llm", "random", 12, {"robin": 12}, 1.0, 1.0, 0, llm="tiny",
+                              option_answers=AnswerCounts(used=4), prompt_answers=prompt_answers)  # fmt: skip
+
+    none_used = summary(AnswerCounts(replaced=12)).describe()
+    assert "warning: the LLM 'tiny' contributed no prompts: all 12 are the registry's fallback" in none_used
+    assert "no option lists" not in none_used
+    assert "warning" not in summary(AnswerCounts(used=1, replaced=11)).describe()

@@ -92,7 +92,7 @@ def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[st
         return generate_images(run.prompts, run.shards, recipe.generate, device=recipe.device)
 
     def distill():
-        from synthdistill.distill import distill as distill_student
+        from synthdistill.train import distill_student
 
         return distill_student(
             run.shards,
@@ -250,6 +250,8 @@ def run_pipeline(
         if env.is_main or stage in PARALLEL_STAGES:
             summary = runners[stage]()
         barrier(env, group)
+        for warning in getattr(summary, "warnings", list)():
+            echo(f"[{stage}] warning: {warning}")
         if env.is_main:
             record = {**_as_dict(summary), "seconds": round(time.time() - started, 2)}
             if stage == "generate":  # every rank's images, not only rank 0's share
