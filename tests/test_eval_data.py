@@ -170,7 +170,7 @@ def test_missing_dataset_names_the_files_torchvision_expects(tmp_path):
         registry_test_set("aircraft", tmp_path)
     message = str(error.value)
     assert str(tmp_path / "fgvc-aircraft-2013b/data/images_variant_test.txt") in message
-    assert "--download" in message and "wds_aircraft" in message
+    assert "evaluate.download=true" in message and "wds_aircraft" in message
     write_pets(tmp_path, [0])
     (tmp_path / "oxford-iiit-pet" / "annotations" / "test.txt").unlink()
     with pytest.raises(SynthdistillError, match=r"missing: oxford-iiit-pet/annotations/test.txt\)"):

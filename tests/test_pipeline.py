@@ -71,8 +71,11 @@ def test_changed_config_is_refused_and_from_redoes(tmp_path):
     recipe = smoke_recipe(tmp_path / "run")
     run_pipeline(recipe, until="prompts", report=False, echo=quiet)
     changed = smoke_recipe(tmp_path / "run", "prompts.per_class=3")
-    with pytest.raises(SynthdistillError, match="another config"):
+    with pytest.raises(SynthdistillError, match=r"prompts\.per_class: 16 -> 3\); use force=True") as refused:
         run_pipeline(changed, until="prompts", report=False, echo=quiet)
+    assert "start_from='prompts'" in str(refused.value) and "--" not in str(refused.value)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "per_class: 16" in saved  # the refused recipe is not saved
     result = run_pipeline(changed, until="prompts", start_from="prompts", report=False, echo=quiet)
     assert result.stages["prompts"] == "done"
     assert len((tmp_path / "run" / "prompts.jsonl").read_text().splitlines()) == 5 * 3
@@ -100,7 +103,7 @@ def test_run_killed_during_generate_finishes_like_an_uninterrupted_one(tmp_path,
 
 @pytest.mark.slow
 def test_run_killed_during_distill_resumes_to_the_same_student(tmp_path, monkeypatch):
-    import synthdistill.distill as distill
+    import synthdistill.train as train
 
     straight = smoke_recipe(tmp_path / "straight")
     run_pipeline(straight, until="distill", report=False, echo=quiet)
@@ -115,17 +118,17 @@ def test_run_killed_during_distill_resumes_to_the_same_student(tmp_path, monkeyp
     data["stages"].pop("distill")
     manifest.write_text(json.dumps(data))
 
-    real = distill.distill
+    real = train.distill_student
 
     def killed_after_some_steps(*args, **kwargs):
         real(*args, stop_after_steps=5, **kwargs)
         raise Killed("killed after step 5")
 
-    monkeypatch.setattr(distill, "distill", killed_after_some_steps)
+    monkeypatch.setattr(train, "distill_student", killed_after_some_steps)
     killed = smoke_recipe(tmp_path / "killed")
     with pytest.raises(Killed):
         run_pipeline(killed, until="distill", report=False, echo=quiet)
-    monkeypatch.setattr(distill, "distill", real)
+    monkeypatch.setattr(train, "distill_student", real)
     run_pipeline(killed, until="distill", report=False, echo=quiet)
 
     expected = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))

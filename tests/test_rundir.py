@@ -21,7 +21,7 @@ def test_other_config_is_refused_unless_forced(tmp_path):
     run.begin_stage("prompts", "h1")
     run.prompts.write_text("old")
     run.finish_stage("prompts", "h1")
-    with pytest.raises(SynthdistillError, match="another config.*--force"):
+    with pytest.raises(SynthdistillError, match="other settings.*force=True"):
         run.begin_stage("prompts", "h2")
     assert run.prompts.read_text() == "old"
     assert run.begin_stage("prompts", "h2", force=True) is False
@@ -68,3 +68,30 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("whole")
     assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_refused_stage_names_each_changed_key_with_its_old_and_new_value(tmp_path):
+    run = RunDir(tmp_path / "run")
+    old = {"seed": 0, "distill.epochs": 8, "distill.lr": 0.002, "distill.loss": "fd"}
+    run.begin_stage("distill", "h1", settings=old)
+    run.finish_stage("distill", "h1")
+    new = {**old, "distill.epochs": 4, "distill.loss": "fd:0.5,vl:0.5"}
+    with pytest.raises(SynthdistillError) as refused:
+        run.begin_stage("distill", "h2", settings=new)
+    assert "(distill.epochs: 8 -> 4, distill.loss: fd -> fd:0.5,vl:0.5)" in str(refused.value)
+    assert "h1" not in str(refused.value) and "h2" not in str(refused.value)
+    assert run.stage_record("distill")["settings"] == old  # the refusal recorded nothing
+
+
+def test_refusal_hints_are_flags_on_the_command_line_and_keywords_in_the_api(tmp_path):
+    from synthdistill.cli.common import cli_style
+
+    run = RunDir(tmp_path / "run")
+    run.begin_stage("generate", "h1", settings={"generate.steps": 4})
+    with pytest.raises(SynthdistillError) as refused:
+        run.begin_stage("generate", "h2", settings={"generate.steps": 2})
+    api = str(refused.value)
+    assert "force=True" in api and "start_from='generate'" in api and "--" not in api
+    cli = refused.value.render(cli_style({}))
+    assert "use --force" in cli and "--from generate" in cli and "another --name" in cli
+    assert "force=True" not in cli

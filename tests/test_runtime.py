@@ -38,5 +38,5 @@ def test_torchrun_variables_are_read_in_one_place(monkeypatch):
 def test_cuda_without_a_gpu_is_one_sentence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(SynthdistillError, match="no CUDA GPU is visible; use --device cpu"):
+    with pytest.raises(SynthdistillError, match="no CUDA GPU is visible; use device=cpu"):
         resolve_device("cuda")

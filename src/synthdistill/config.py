@@ -560,14 +560,16 @@ def load_recipe(
     """Read recipe YAML files (later ones override earlier ones), apply overrides, validate.
 
     Without a ``name`` in any file, the run is named after the files' stems joined by '-', so
-    ``configs/pets.yaml configs/students/efficientnet_b0.yaml`` becomes run 'pets-efficientnet_b0'.
+    ``configs/pets.yaml configs/students/efficientnet_b0.yaml`` becomes run 'pets-efficientnet_b0';
+    an unnamed overlay on a named recipe adds its stem too (``smoke.yaml`` + that overlay:
+    'smoke-efficientnet_b0').
     """
     recipe = RecipeConfig()
     if paths is None:
         paths = []
     elif isinstance(paths, str | Path):
         paths = [paths]
-    named = False
+    name_parts: list[str] = []  # a named file's name, then the stems of the overlays after it
     for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"Recipe file '{path}' does not exist.")
@@ -583,9 +585,12 @@ def load_recipe(
             recipe.classes_file = str(beside)  # a class file named by a recipe lives beside it
         if data.get("classes_file") and "dataset" not in data:
             recipe.dataset = None  # a recipe's own classes replace the default registry dataset
-        named = named or "name" in data or "run_dir" in data
-    if paths and not named:
-        recipe.name = "-".join(Path(p).stem for p in paths)
+        if "name" in data or "run_dir" in data:
+            name_parts = [recipe.name]
+        else:
+            name_parts.append(path.stem)
+    if name_parts:
+        recipe.name = "-".join(name_parts)
     return apply_overrides(recipe, overrides)
 
 

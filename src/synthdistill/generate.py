@@ -31,9 +31,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from synthdistill.config import GenerateConfig
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, setting
 from synthdistill.fileio import exclusive_lock
 from synthdistill.identity import effective_lora, shards_settings
+from synthdistill.progress import progress_bar
 from synthdistill.runtime import DistEnv, derive_seed, dist_env, resolve_device
 from synthdistill.shards import (
     DISK_FULL,
@@ -215,7 +216,7 @@ def _loading(key: str, name: str, local: str = "a local folder") -> Iterator[Non
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         raise SynthdistillError(
-            f"Cannot load {key} '{name}' ({reason}); pass {local} with --set {key}=PATH, "
+            f"Cannot load {key} '{name}' ({reason}); pass {local} with {setting(key)}, "
             "or allow network access so it can be downloaded."
         ) from None
 
@@ -772,11 +773,8 @@ def generate_images(
         _update_index(out_dir, info, shards_total, judge is not None)
         todo = [s for s in mine if force or check_shard(out_dir / shard_name(s))]
         todo_images = sum(len(prompts[s * config.shard_size : (s + 1) * config.shard_size]) for s in todo)
-        with tqdm(
-            total=todo_images,
-            unit="img",
-            desc=f"generate {part + 1}/{parts}",
-            disable=None if env.local_rank == 0 else True,
+        with progress_bar(
+            todo_images, f"generate {part + 1}/{parts}", unit="img", enabled=env.local_rank == 0
         ) as progress:
             for shard in mine:
                 path = out_dir / shard_name(shard)

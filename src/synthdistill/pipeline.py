@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthdistill import identity
-from synthdistill.config import STAGES, RecipeConfig, dump_recipe
-from synthdistill.errors import SynthdistillError
+from synthdistill.config import STAGES, RecipeConfig, dump_recipe, hashed_settings
+from synthdistill.errors import SynthdistillError, argument
+from synthdistill.preflight import check_inputs
 from synthdistill.registry import Domain, resolve_domain
 from synthdistill.rundir import RunDir
 from synthdistill.runtime import DistEnv, barrier, dist_env, init_distributed, resolve_device, waiting_group
@@ -57,6 +58,16 @@ def stage_identities(recipe: RecipeConfig, domain: Domain, device_type: str) -> 
     return ids
 
 
+RUN_KEYS = ("dataset", "classes_file", "superclass", "seed")
+
+
+def stage_settings(recipe: RecipeConfig, stage: str) -> dict[str, object]:
+    """A stage's result settings as flat recipe keys (``distill.epochs``) and the run-level keys
+    every stage depends on: recorded in the manifest, so a refused rerun names what changed."""
+    own = {f"{stage}.{key}": value for key, value in hashed_settings(getattr(recipe, stage)).items()}
+    return {key: getattr(recipe, key) for key in RUN_KEYS} | own
+
+
 def _as_dict(summary: object) -> dict:
     if summary is None:
         return {}
@@ -81,7 +92,7 @@ def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[st
         return generate_images(run.prompts, run.shards, recipe.generate, device=recipe.device)
 
     def distill():
-        from synthdistill.distill import distill as distill_student
+        from synthdistill.train import distill_student
 
         return distill_student(
             run.shards,
@@ -149,8 +160,28 @@ def _stage_range(start_from: str | None, until: str | None) -> list[str]:
     first = STAGES.index(start_from) if start_from else 0
     last = STAGES.index(until) if until else len(STAGES) - 1
     if first > last:
-        raise SynthdistillError(f"--from {start_from} comes after --until {until}.")
+        raise SynthdistillError(
+            f"{argument(f'--from {start_from}', f'start_from={start_from!r}')} comes after "
+            f"{argument(f'--until {until}', f'until={until!r}')}."
+        )
     return list(STAGES[first : last + 1])
+
+
+def pending_stages(
+    run: RunDir, selected: list[str], identities: dict[str, str], start_from: str | None
+) -> list[str]:
+    """The selected stages that will run: all of them under ``start_from``, else those not recorded
+    as done under their identity."""
+    if start_from is not None:
+        return selected
+    done = {
+        stage
+        for stage in selected
+        if (record := run.stage_record(stage))
+        and record["status"] == "done"
+        and record["config_hash"] == identities[stage]
+    }
+    return [stage for stage in selected if stage not in done]
 
 
 def _silent(_: str) -> None:
@@ -182,22 +213,27 @@ def run_pipeline(
     device = resolve_device(recipe.device, env)
     # rank 0 alone decides and records; the others would hash local weights for nothing
     identities = stage_identities(recipe, domain, device.type) if env.is_main else {}
+    if env.is_main:  # everything the stages still to run need, before any of them starts
+        check_inputs(recipe, domain, pending_stages(run, selected, identities, start_from))
     if env.is_distributed:
         init_distributed(env, device)
     group = waiting_group(env)
     if env.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         run.remove_stale_temporaries()
-        run.write_config(dump_recipe(recipe))
     runners = _stage_runners(recipe, domain, run)
     result = RunResult(run_dir=run.root)
+    config_written = False
     for stage in STAGES:
         if stage not in selected:
             result.stages[stage] = "not run"
             continue
         redo = start_from is not None  # every selected stage comes at or after --from
         if env.is_main:
-            done = run.begin_stage(stage, identities[stage], force=force or redo, redo=redo)
+            settings = stage_settings(recipe, stage)
+            done = run.begin_stage(
+                stage, identities[stage], force=force or redo, redo=redo, settings=settings
+            )
         barrier(env, group)
         if not env.is_main:  # rank 0 has decided and recorded it
             done = run.stage_record(stage)["status"] == "done"
@@ -205,21 +241,29 @@ def run_pipeline(
             echo(f"[{stage}] already done under this config, skipped")
             result.stages[stage] = "skipped"
             continue
+        if env.is_main and not config_written:  # the recipe of what is on disk, never of a refused run
+            run.write_config(dump_recipe(recipe))
+            config_written = True
         echo(f"[{stage}] {_describe(stage, recipe, domain, run)}")
         started = time.time()
         summary = None
         if env.is_main or stage in PARALLEL_STAGES:
             summary = runners[stage]()
         barrier(env, group)
+        for warning in getattr(summary, "warnings", list)():
+            echo(f"[{stage}] warning: {warning}")
         if env.is_main:
             record = {**_as_dict(summary), "seconds": round(time.time() - started, 2)}
             if stage == "generate":  # every rank's images, not only rank 0's share
                 record["images_in_shards"] = (read_index(run.shards) or {}).get("total")
             run.finish_stage(stage, identities[stage], record)
         result.stages[stage] = "done"
-    if report and env.is_main:
-        from synthdistill.report import write_report
+    if env.is_main:
+        from synthdistill.report import headline_lines, write_report
 
+        for line in headline_lines(run):
+            echo(line)
+    if report and env.is_main:
         result.report = write_report(run.root)
         echo(f"report: {result.report} (and {result.report.with_suffix('.html')})")
     return result

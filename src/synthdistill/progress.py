@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
 
 LINE_INTERVAL_S = 30.0
 
@@ -64,10 +66,11 @@ class LineProgress:
     def line(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
         rate = (self.n - self.start_n) / elapsed
-        parts = [f"{self.n}/{self.total} {self.unit}s" if self.total else f"{self.n} {self.unit}s"]
+        units = self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")  # batches
+        parts = [f"{self.n}/{self.total} {units}" if self.total else f"{self.n} {units}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
-        parts.append(f"{rate:.3g} {self.unit}s/s")
+        parts.append(f"{rate:.3g} {units}/s")
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
         parts += [
@@ -90,6 +93,16 @@ class LineProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def progress_iter(
+    iterable: Iterable[T], total: int | None, desc: str, unit: str = "it", enabled: bool = True
+) -> Iterator[T]:
+    """``iterable`` with a :func:`progress_bar` that advances by one per item."""
+    with progress_bar(total, desc, unit, enabled=enabled) as bar:
+        for item in iterable:
+            yield item
+            bar.update()
 
 
 def progress_bar(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from synthdistill.fileio import atomic_path, atomic_write_text, read_json
 from synthdistill.rundir import RunDir
 
 ASSETS = "report_assets"
+METRIC_NAMES = {"top1": "top-1", "top5": "top-5", "mean_per_class_recall": "mean per-class recall"}
 
 
 @dataclass
@@ -70,23 +72,191 @@ def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _count(value: object, noun: str) -> str:
+    return f"{value:,} {noun}" if isinstance(value, int) else f"? {noun}"
+
+
+def _prompts_summary(s: dict) -> str:
+    text = _count(s.get("total"), "prompts")
+    if s.get("generator"):
+        text += f" ({s['generator']} generator" + (f", {s['design']} design)" if s.get("design") else ")")
+    if s.get("per_class"):
+        text += f" for {len(s['per_class'])} classes"
+    if s.get("unique_share_min") is not None:
+        text += f"; {_pct(s['unique_share_min'])} unique in the least varied class"
+    if s.get("shortened"):
+        text += f"; {s['shortened']} shortened to the text encoder's limit"
+    answers = s.get("prompt_answers") or s.get("option_answers")
+    if isinstance(answers, dict):
+        used, replaced = answers.get("used", 0), answers.get("replaced", 0)
+        text += f"; LLM answers used {used}, replaced by the registry's {replaced}"
+    return text
+
+
+def _generate_summary(s: dict) -> str:
+    images = s.get("images_in_shards", s.get("images_written"))
+    text = f"{_count(images, 'images')} in {_count(s.get('shards_total'), 'shards')}"
+    if isinstance(s.get("images_per_second"), float):
+        text += f" at {s['images_per_second']:.2g} images/s"
+    if s.get("shards_skipped"):
+        text += f"; {s['shards_skipped']} shards were already complete"
+    if s.get("images_retried") or s.get("images_failed"):
+        text += (
+            f"; {s.get('images_retried', 0)} NaN/black images redrawn, {s.get('images_failed', 0)} unusable"
+        )
+    return text
+
+
+def _distill_summary(s: dict) -> str:
+    text = f"{_count(s.get('steps'), 'steps')} over {_count(s.get('epochs'), 'epochs')}"
+    if isinstance(s.get("samples"), int):
+        text += f" of {s['samples']:,} images"
+    if s.get("resumed_from_step"):
+        text += f", resumed from step {s['resumed_from_step']}"
+    if isinstance(s.get("final_loss"), float):
+        text += f"; final loss {s['final_loss']:.4g}"
+    if isinstance(s.get("final_cosine"), float):
+        text += f", cosine to the teacher {s['final_cosine']:.3f}"
+    skipped = (s.get("corrupt_samples") or 0) + (s.get("corrupt_images") or 0)
+    if skipped:
+        text += f"; {skipped} undecodable images skipped"
+    return text
+
+
+def _evaluate_summary(s: dict) -> str:
+    """'pets: student 80.1% top-1, teacher 85.0% top-1, agreement 90.2%' per dataset (and protocol:
+    keys of the paper protocol's numbers start with 'paper/')."""
+    datasets: dict[str, list[str]] = {}
+    for key, value in s.items():
+        if not isinstance(value, float):
+            continue
+        if key.endswith("/agreement"):
+            where, text = key.removesuffix("/agreement"), f"agreement {_pct(value)}"
+        elif key.count("/") >= 2:
+            where, model, metric = key.rsplit("/", 2)
+            text = f"{model} {_pct(value)} {METRIC_NAMES.get(metric, metric)}"
+        else:
+            continue
+        datasets.setdefault(where, []).append(text)
+    return "; ".join(f"{name}: {', '.join(parts)}" for name, parts in datasets.items()) or "no test set"
+
+
+def _export_summary(s: dict) -> str:
+    files = ", ".join(Path(p).name for p in (s.get("files") or {}).values())
+    text = f"{files or 'no files'} for {_count(s.get('num_classes'), 'classes')}"
+    if isinstance(s.get("student_parameters"), int):
+        text += f"; student {s['student_parameters']:,} parameters"
+        if isinstance(s.get("student_flops"), int):
+            text += f", {s['student_flops'] / 1e9:.3g} GFLOPs/image"
+    latency = (s.get("latency_ms") or {}).get("student@1")
+    if latency is not None:
+        text += f", {latency:.3g} ms per image at batch 1 on CPU"
+    return text
+
+
+STAGE_SUMMARIES = {
+    "prompts": _prompts_summary,
+    "generate": _generate_summary,
+    "distill": _distill_summary,
+    "evaluate": _evaluate_summary,
+    "export": _export_summary,
+}
+
+
 def _stage_section(run: RunDir) -> list[Block]:
     stages = run.manifest().get("stages", {})
     rows = []
     for stage, record in stages.items():
         summary = record.get("summary", {})
-        details = ", ".join(
-            f"{k}: {_fmt(v)}"
-            for k, v in summary.items()
-            if v is not None
-            and k != "seconds"
-            and not k.endswith(("_dir", "path", "cache"))
-            and not isinstance(v, dict | list)
-        )
-        rows.append([stage, record.get("status", "?"), _fmt(summary.get("seconds", "")), details[:300]])
+        done = record.get("status") == "done" and stage in STAGE_SUMMARIES
+        details = STAGE_SUMMARIES[stage](summary) if done else ""
+        rows.append([stage, record.get("status", "?"), _fmt(summary.get("seconds", "")), details])
     if not rows:
         return []
-    return [Heading("Stages"), Table(["stage", "status", "seconds", "counts"], rows)]
+    return [Heading("Stages"), Table(["stage", "status", "seconds", "what it made"], rows)]
+
+
+def _recipe(run: RunDir) -> dict:
+    import yaml
+
+    if not run.config.is_file():
+        return {}
+    return yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+
+
+def _results(run: RunDir) -> dict:
+    path = run.eval / "results.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def reading_notes(run: RunDir) -> list[str]:
+    """What a reader must know before believing the numbers: tiny random models, evaluation on the
+    run's own training images, a teacher at chance level."""
+    notes = []
+    recipe = _recipe(run)
+    tiny = [
+        f"{what} '{name}'"
+        for what, name in (
+            ("teacher", recipe.get("distill", {}).get("teacher")),
+            ("student", recipe.get("distill", {}).get("student")),
+            ("diffusion model", recipe.get("generate", {}).get("model")),
+        )
+        if name in ("tiny", "tiny-sdxl")
+    ]
+    if tiny:
+        notes.append(
+            f"Numbers from tiny random models mean nothing ({', '.join(tiny)}): this run only shows that "
+            "every stage works and hands its files to the next."
+        )
+    entries = _results(run).get("entries", [])
+    if any(e["dataset"].endswith("(synthetic)") for e in entries):
+        notes.append(
+            "The evaluation is on the run's own synthetic training images (there is no real test set for "
+            "these classes): it shows how closely the student copies its teacher on images it was trained "
+            "on, not how well it classifies real photos; evaluate on real ones with "
+            f"`synthdistill evaluate --student {run.student} --image-folder DIR` (one folder per class)."
+        )
+    for e in entries:
+        chance = 1 / e["num_classes"] if e.get("num_classes") else None
+        if e["model"] == "teacher" and chance and e["top1"] <= 1.5 * chance:
+            notes.append(
+                f"The teacher is at chance level on {e['dataset']} ({_pct(e['top1'])} top-1, chance "
+                f"{_pct(chance)} for {e['num_classes']} classes): a student distilled from it cannot do "
+                "better; check the teacher's weights and the class names."
+            )
+    return notes
+
+
+def headline_lines(run: RunDir) -> list[str]:
+    """The end of a run in a few lines: student and teacher numbers, agreement, the exported model
+    and a ready-to-paste predict command."""
+    lines = []
+    entries = _results(run).get("entries", [])
+    for dataset in dict.fromkeys(e["dataset"] for e in entries):
+        rows = {
+            e["model"]: e
+            for e in entries
+            if e["dataset"] == dataset and e["protocol"] == entries[0]["protocol"]
+        }
+        student, teacher = rows.get("student"), rows.get("teacher")
+        metric = (student or teacher or {}).get("headline_metric", "top1")
+        parts = [
+            f"{who} {_pct(row['headline'])}"
+            for who, row in (("student", student), ("teacher", teacher))
+            if row
+        ]
+        if student and student.get("agreement_with_teacher") is not None:
+            parts.append(f"agreement {_pct(student['agreement_with_teacher'])}")
+        lines.append(f"{dataset} ({METRIC_NAMES.get(metric, metric)}): {', '.join(parts)}")
+    onnx = run.export / "model.onnx"
+    if onnx.is_file():
+        lines.append(f"exported: {onnx} ({onnx.stat().st_size / 1e6:.1f} MB)")
+        lines.append(f"classify your photos: synthdistill predict --model {shlex.quote(str(onnx))} IMAGE")
+    return lines + [f"note: {note}" for note in reading_notes(run)]
 
 
 def _prompt_section(run: RunDir, classes: int = 6, per_class: int = 2) -> list[Block]:
@@ -208,6 +378,9 @@ def build_report(run_dir: str | Path) -> list[Block]:
         raise SynthdistillError(f"Run directory '{run.root}' does not exist.")
     assets = run.root / ASSETS
     blocks: list[Block] = [Heading(f"synthdistill run: {run.root.name}", 1)]
+    notes = reading_notes(run)
+    if notes:
+        blocks += [Heading("How to read these numbers"), Paragraph("\n\n".join(notes))]
     blocks += _stage_section(run)
     blocks += _prompt_section(run)
     grid = _sample_grid(run, assets / "samples.png")

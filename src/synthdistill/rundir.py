@@ -7,16 +7,38 @@ identity (:mod:`synthdistill.identity`) unless told ``force``.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, argument
 from synthdistill.fileio import atomic_write_json, atomic_write_text, read_json
 from synthdistill.fileio import remove_stale_temporaries as remove_stale
 
 MANIFEST_NAME = "manifest.json"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_changes(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
+    """'distill.epochs: 8 -> 4, distill.lr: 0.002 -> 0.001' between two recorded settings; a
+    sentence saying why when no key differs (an upstream stage, local weights or the device)."""
+    if old is None or new is None:
+        return "settings not recorded"
+    changes = [
+        f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+    if not changes:
+        return "no key of its own changed: an earlier stage, a local weights file or the device type did"
+    return ", ".join(changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
 
 
 @dataclass(frozen=True)
@@ -88,10 +110,18 @@ class RunDir:
     def stage_record(self, stage: str) -> dict | None:
         return self.manifest()["stages"].get(stage)
 
-    def begin_stage(self, stage: str, identity: str, force: bool = False, redo: bool = False) -> bool:
+    def begin_stage(
+        self,
+        stage: str,
+        identity: str,
+        force: bool = False,
+        redo: bool = False,
+        settings: dict[str, Any] | None = None,
+    ) -> bool:
         """Decide what to do with a stage. Returns True if it is already done (skip it).
 
-        Records the stage as running under ``identity`` otherwise. A record under another identity
+        Records the stage as running under ``identity`` (and its ``settings``, flat recipe keys, so
+        a later refusal can name what changed) otherwise. A record under another identity
         is refused unless ``force`` (or ``redo``); its outputs are then cleared. ``redo`` runs a
         stage again even though it is done; outputs whose identity did not change are never
         cleared, by ``force`` or ``redo``: the stage is called again over them and resumes on them.
@@ -104,9 +134,11 @@ class RunDir:
                 return True
         elif changed and not force:
             raise SynthdistillError(
-                f"'{self.root}' holds {stage} outputs made under another config "
-                f"({record['config_hash']} vs {identity}); use --force to redo what changed, "
-                f"--from {stage} to redo from this stage, or another --name."
+                f"'{self.root}' holds {stage} outputs made under other settings "
+                f"({describe_changes(record.get('settings'), settings)}); use "
+                f"{argument('--force', 'force=True')} to redo what changed, "
+                f"{argument(f'--from {stage}', f'start_from={stage!r}')} to redo from this stage, or "
+                f"{argument('another --name', 'another run_dir (or name) in the recipe')}."
             )
         elif changed:
             for path in self.stage_outputs(stage):
@@ -119,7 +151,10 @@ class RunDir:
                 remove_stale(path)
             else:  # a file of the run's root: the root's own temporaries, not the other stages'
                 remove_stale(path.parent, recursive=False)
-        self._write_record(stage, {"config_hash": identity, "status": "running", "started": time.time()})
+        record = {"config_hash": identity, "status": "running", "started": time.time()}
+        if settings is not None:
+            record["settings"] = settings
+        self._write_record(stage, record)
         return False
 
     def finish_stage(self, stage: str, identity: str, summary: dict | None = None) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, setting
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def resolve_device(name: str = "auto", env: DistEnv | None = None) -> torch.devi
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SynthdistillError(
-            f"Device '{name}' was asked for but no CUDA GPU is visible; use --device cpu."
+            f"Device '{name}' was asked for but no CUDA GPU is visible; use {setting('device', 'cpu')}."
         )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())

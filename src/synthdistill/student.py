@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,6 +230,25 @@ class Student(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.forward_features(images), dim=-1)
+
+    @property
+    def preprocess(self) -> Callable:
+        """PIL image -> (3, S, S) tensor as this student takes it: resized, centre-cropped and
+        CLIP-normalised as its config.json records, like open_clip's ``preprocess_val``. (An exported
+        ONNX model takes RGB in [0, 1] instead and normalises inside.)"""
+        import open_clip
+
+        p = self.config.preprocessing
+        if p is None:
+            raise SynthdistillError("This student records no preprocessing; save it again with save_student.")
+        return open_clip.image_transform(
+            p.image_size,
+            is_train=False,
+            mean=p.mean,
+            std=p.std,
+            resize_mode=p.resize_mode,
+            interpolation=p.interpolation,
+        )
 
 
 def student_config(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, setting
 from synthdistill.tiny import TINY, create_tiny_clip, is_tiny, register_tiny_clip_config
 
 
@@ -193,7 +193,8 @@ def load_teacher(
                 raise
             raise SynthdistillError(
                 f"Could not download the weights '{pretrained}' for teacher '{name}' (no network?); "
-                "run once with network access, or pass a local checkpoint file as --teacher-pretrained."
+                f"run once with network access, or pass a local checkpoint file with "
+                f"{setting('distill.teacher_pretrained')}."
             ) from None
         tokenizer = open_clip.get_tokenizer(name)
     model = model.to(device).eval().requires_grad_(False)

@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except SynthdistillError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from synthdistill.cli.common import cli_style
+
+        print(f"error: {e.render(cli_style(getattr(args, 'recipe_flags', {})))}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from synthdistill.cli.common import add_domain_arguments, add_recipe_arguments, domain_of, recipe_from_args
 from synthdistill.errors import SynthdistillError
+from synthdistill.rundir import RunDir
 
 # flag -> recipe key
 FLAGS = {
@@ -57,7 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, metavar="DIR", help="Student folder to write (default: <run>/student)."
     )
     paths.add_argument(
-        "--checkpoints", type=Path, metavar="DIR", help="Checkpoint folder (default: <out>/../checkpoints)."
+        "--checkpoints",
+        type=Path,
+        metavar="DIR",
+        help="Checkpoint folder (default: beside an --out named student/, as in a run directory, "
+        "else <out>/checkpoints, so two --out folders never share one).",
     )
     paths.add_argument(
         "--cache", type=Path, metavar="DIR", help="Teacher-cache folder (default: <shards>/../teacher_cache)."
@@ -85,8 +90,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=distill_command)
 
 
+def checkpoints_for(out: Path | None, run: RunDir) -> Path:
+    """Where a student's checkpoints go: beside a ``student/`` folder (a run directory's layout:
+    ``runs/<name>/checkpoints``), else inside ``--out``, so two students never share a folder."""
+    if out is None:
+        return run.checkpoints
+    return out.parent / "checkpoints" if out.name == "student" else out / "checkpoints"
+
+
 def distill_command(args: argparse.Namespace) -> None:
-    from synthdistill.rundir import RunDir
     from synthdistill.runtime import dist_env
     from synthdistill.train import distill_student
 
@@ -104,7 +116,7 @@ def distill_command(args: argparse.Namespace) -> None:
         domain=domain_of(recipe),
         seed=recipe.seed,
         device=recipe.device,
-        checkpoint_dir=args.checkpoints,
+        checkpoint_dir=args.checkpoints or checkpoints_for(args.out, run),
         cache_dir=args.cache,
         resume=args.resume,
     )

@@ -36,7 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", help="Image files, folders or glob patterns ('photos/*.jpg').")
     parser.add_argument("--top-k", type=int, default=5, help="Classes shown per image (default 5).")
     parser.add_argument("--batch-size", type=int, default=32, help="Images per forward pass (default 32).")
-    parser.add_argument("--json", action="store_true", help="Print one JSON list instead of text.")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="Print one JSON list instead of text; skipped files are in it with the reason ('skipped').",
+    )
     add_domain_arguments(parser)
     parser.set_defaults(func=predict_command)
 
@@ -53,12 +57,13 @@ def predict_command(args: argparse.Namespace) -> None:
     domain = None
     if args.dataset or args.classes:
         domain = resolve_domain(args.dataset, args.classes, args.superclass)
-    options = {
-        "domain": domain,
-        "top_k": args.top_k,
-        "batch_size": args.batch_size,
-        "on_skip": lambda path, reason: print(f"skipped '{path}': it {reason}", file=sys.stderr),
-    }
+    skipped: list[dict] = []
+
+    def on_skip(path: object, reason: str) -> None:
+        print(f"skipped '{path}': it {reason}", file=sys.stderr)
+        skipped.append({"path": str(path), "skipped": f"it {reason}"})
+
+    options = {"domain": domain, "top_k": args.top_k, "batch_size": args.batch_size, "on_skip": on_skip}
     if args.model:
         if args.labels:
             raise SynthdistillError("--labels goes with --student; an ONNX model carries its own classes.")
@@ -68,8 +73,9 @@ def predict_command(args: argparse.Namespace) -> None:
 
         labels = Path(args.labels) if args.labels else None
         predictions = predict_student(Path(args.student), args.images, labels=labels, **options)
-    if args.json:
-        print(json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False))
+    if args.json:  # every file named, the skipped ones with the reason
+        rows = [p.to_dict() for p in predictions] + skipped
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     for prediction in predictions:
         print(prediction.path)

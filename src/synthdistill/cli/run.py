@@ -28,6 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Override any recipe key, e.g. --set distill.student=efficientnet_b0.",
     )
     parser.add_argument("--name", help="Run name (the run lives in runs/<name>).")
+    parser.add_argument(
+        "--classes", metavar="FILE", help="Your own class list, one per line (recipe key: classes_file)."
+    )
+    parser.add_argument("--superclass", help="Superclass word for --classes, e.g. 'bird' (default 'object').")
     parser.add_argument("--run-dir", help="Run directory (default runs/<name>).")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N.")
     parser.add_argument("--until", choices=STAGES, help="Stop after this stage.")
@@ -48,17 +52,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_command)
 
 
+# flag -> recipe key
+FLAGS = {
+    "name": "name",
+    "run_dir": "run_dir",
+    "device": "device",
+    "classes": "classes_file",
+    "superclass": "superclass",
+}
+
+
 def run_command(args: argparse.Namespace) -> None:
-    from synthdistill.config import apply_overrides, load_recipe
+    from synthdistill.cli.common import recipe_from_args
     from synthdistill.pipeline import run_pipeline
     from synthdistill.runtime import dist_env
 
-    explicit = {
-        k: v
-        for k, v in {"name": args.name, "run_dir": args.run_dir, "device": args.device}.items()
-        if v is not None
-    }
-    recipe = apply_overrides(load_recipe(args.recipes, explicit), args.overrides)
+    args.config = args.recipes
+    recipe = recipe_from_args(args, FLAGS)
     result = run_pipeline(
         recipe, until=args.until, start_from=args.start_from, force=args.force, report=args.report
     )

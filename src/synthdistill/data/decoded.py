@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from synthdistill.config import config_hash
 from synthdistill.data.augment import Batch, pad_images
 from synthdistill.fileio import atomic_write_json, exclusive_lock, read_json, temporary_name
+from synthdistill.progress import progress_iter
 from synthdistill.runtime import DistEnv, barrier, waiting_group
 from synthdistill.shards import ShardSamples, decode_image
 
@@ -128,7 +128,7 @@ def build_decoded(path: Path, meta_path: Path, samples: ShardSamples) -> None:
             tmp, mode="w+", dtype=np.uint8, shape=(count, max(height, 1), max(width, 1), 3)
         )
         labels, keys = [], []
-        for index in tqdm(range(count), desc="decode images", unit="image", disable=None):
+        for index in progress_iter(range(count), count, "decode images", unit="image"):
             sample = samples[index]
             labels.append(int(sample.meta.get("class_index", -1)))
             keys.append(sample.key)

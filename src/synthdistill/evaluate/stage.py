@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from synthdistill.config import EvaluateConfig
 from synthdistill.errors import SynthdistillError
@@ -41,6 +40,7 @@ from synthdistill.evaluate.test_sets import (
     registry_test_set,
     validation_transform,
 )
+from synthdistill.progress import progress_bar
 from synthdistill.registry import Domain
 from synthdistill.runtime import autocast_dtype, resolve_device
 from synthdistill.student import Student, load_student
@@ -94,7 +94,7 @@ def zero_shot_pass(
     logits: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     labels, guaranteed, distances = [], [], []
     skipped = seen = 0
-    with tqdm(total=total, unit="img", desc=test_set.name, disable=None) as bar:
+    with progress_bar(total, test_set.name, unit="img") as bar:
         for batch in loader:
             keep = len(batch) if max_images is None else min(len(batch), max_images - seen)
             skipped += batch.skipped

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, setting
 from synthdistill.registry import Domain, EvalSpec, domain_from_classes, get_dataset
 from synthdistill.shards import IMAGE_EXTENSIONS, ShardSamples, count_samples, decode_image, list_shards
 from synthdistill.teacher import Preprocessing
@@ -195,7 +195,7 @@ def load_mirror(
         if mirror_names is None:
             raise SynthdistillError(
                 f"WebDataset mirror '{folder}' has no classnames.txt; "
-                "add one or pass a class file (--classes)."
+                f"add one or pass a class file ({setting('classes_file', 'FILE')})."
             )
         classnames = mirror_names
     elif mirror_names is not None and len(mirror_names) != len(classnames):
@@ -291,7 +291,8 @@ def _torchvision_test_set(domain: Domain, root: Path, download: bool) -> TestSet
         raise MissingTestSet(
             f"Dataset '{domain.name}' not found: torchvision's {spec.torchvision_class} expects "
             f"{', '.join(repr(f'{root}/{e}') for e in expected)}{which}; "
-            f"download it with --download, or put CLIP_benchmark's WebDataset mirror at {mirrors}."
+            f"download it with {setting('evaluate.download', 'true')}, or put CLIP_benchmark's WebDataset "
+            f"mirror at {mirrors}."
         )
     if missing and spec.torchvision_class == "StanfordCars":
         raise SynthdistillError(
@@ -306,7 +307,7 @@ def _torchvision_test_set(domain: Domain, root: Path, download: bool) -> TestSet
     except RuntimeError as e:
         raise SynthdistillError(
             f"torchvision's {spec.torchvision_class} refused '{root}' ({e}); check that its files are "
-            "complete and uncorrupted, or delete them and use --download."
+            f"complete and uncorrupted, or delete them and use {setting('evaluate.download', 'true')}."
         ) from None
     except OSError as e:
         if not missing:
@@ -327,6 +328,21 @@ def _torchvision_test_set(domain: Domain, root: Path, download: bool) -> TestSet
         images=images,
         dataset=domain.name,
     )
+
+
+def test_set_on_disk(name: str, data_root: str | Path) -> bool:
+    """Whether a registry dataset's test split is under ``data_root`` (a WebDataset mirror,
+    ImageNet's class folders or torchvision's files), looked up without reading it: the pipeline
+    checks every input before any work starts."""
+    domain = get_dataset(name)
+    root = Path(data_root).expanduser()
+    if domain.eval is None:
+        return False
+    if any(_mirror_shards(folder) for folder in mirror_folders(name, root)):
+        return True
+    if domain.wnids:
+        return any((root / folder).is_dir() for folder in IMAGENET_FOLDERS)
+    return not _missing(root, _expected_files(domain.eval))
 
 
 def registry_test_set(name: str, data_root: str | Path, download: bool = False) -> TestSet:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, setting
 from synthdistill.runtime import derive_seed, resolve_device
 from synthdistill.tiny import create_tiny_llm, is_tiny
 
@@ -114,12 +114,13 @@ def load_chat_model(name: str, device: str = "auto", batch_size: int = 8) -> Tra
         except (OSError, ValueError) as e:
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise SynthdistillError(
-                f"Cannot load the LLM '{name}' ({reason}); pass a local folder with --llm "
-                "(recipe key prompts.llm) or allow network access to the Hugging Face hub."
+                f"Cannot load the LLM '{name}' ({reason}); pass a local folder with "
+                f"{setting('prompts.llm')} or allow network access to the Hugging Face hub."
             ) from None
     if not getattr(tokenizer, "chat_template", None):
         raise SynthdistillError(
-            f"The LLM '{name}' has no chat template; use an instruction-tuned (chat) model for --llm."
+            f"The LLM '{name}' has no chat template; use an instruction-tuned (chat) model: "
+            f"{setting('prompts.llm', 'MODEL')}."
         )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from tqdm import tqdm
-
+from synthdistill.progress import progress_bar
 from synthdistill.prompts.llm import ChatModel, LLMProgress, Sampling, parse_description, parse_options
 from synthdistill.prompts.records import AnswerCounts, PromptRecord
 from synthdistill.prompts.templates import TokenBudget, article, subject_phrase
@@ -45,7 +44,7 @@ def _ask(
         len(requests[s : s + batch_size]) for s in starts if progress.get(f"{unit}/{s}") is not None
     )
     parsed: list = []
-    with tqdm(total=len(requests), initial=resumed, desc=f"LLM {unit}", unit="prompt", disable=None) as bar:
+    with progress_bar(len(requests), f"LLM {unit}", unit="prompt", initial=resumed) as bar:
         for start in starts:
             done = progress.get(f"{unit}/{start}")
             if done is None:

@@ -132,8 +132,29 @@ def _clip_tokenizer():
 # ---- the ``llm`` generator's unweighted wording -------------------------------------------------
 
 
+_CONSONANT_SOUND = ("eu", "ewe", "uni", "use", "usu", "uti", "ure", "uro", "uku", "ubiq", "one", "once")
+"""Vowel letters sounded as a consonant: a European, a unicorn, a user, a one-eyed."""
+_SILENT_H = ("hour", "honest", "honor", "honour", "heir")
+"""A silent h: an hour, an honest, an heir."""
+_VOWEL_LETTER_NAMES = "AEFHILMNORSX"
+"""Capitals read letter by letter (up to three: NASA is read as a word) that start with a vowel
+sound: an MRI, an SUV, an X-ray; a UFO."""
+
+
 def article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
+    """'a' or 'an' by how ``word`` sounds: a European robin, an hour, a unicorn, an MRI scanner."""
+    first = word.split()[0] if word.split() else word
+    letters = first.split("-")[0]
+    if letters.isupper() and letters.isalpha() and len(letters) <= 3:  # read letter by letter
+        return "an" if letters[0] in _VOWEL_LETTER_NAMES else "a"
+    lower = first.lower()
+    if lower[:1].isdigit():
+        return "an" if lower.startswith(("8", "11", "18")) else "a"
+    if lower.startswith(_SILENT_H):
+        return "an"
+    if lower.startswith(_CONSONANT_SOUND):
+        return "a"
+    return "an" if lower[:1] in ("a", "e", "i", "o", "u") else "a"
 
 
 def subject_phrase(templates: tuple[str, ...], classname: str, superclass: str) -> str:

@@ -81,6 +81,21 @@ class PromptsSummary:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def warnings(self) -> list[str]:
+        """What the user must not miss: an LLM whose every answer was replaced contributed nothing."""
+        found = []
+        for what, counts_of in (
+            ("superclasses", self.superclass_answers),
+            ("option lists", self.option_answers),
+            ("prompts", self.prompt_answers),
+        ):
+            if counts_of is not None and counts_of.total and not counts_of.used + counts_of.repaired:
+                found.append(
+                    f"the LLM '{self.llm}' contributed no {what}: all {counts_of.total} are the registry's "
+                    "fallback; check that prompts.llm is an instruction-tuned chat model"
+                )
+        return found
+
     def describe(self) -> str:
         counts = sorted(set(self.per_class.values()))
         per_class = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
@@ -109,6 +124,7 @@ class PromptsSummary:
                 f"LLM usage: {usage.conversations:,} conversations, {usage.prompt_tokens:,} request tokens, "
                 f"{usage.generated_tokens:,} generated tokens"
             )
+        lines += [f"warning: {warning}" for warning in self.warnings()]
         return "\n".join(lines)
 
 

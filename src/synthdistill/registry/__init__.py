@@ -17,7 +17,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, setting
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,10 @@ def resolve_domain(dataset: str | None, classes_file: str | Path | None, supercl
     if classes_file:
         return domain_from_classes(read_class_file(classes_file), superclass, name=Path(classes_file).stem)
     if dataset is None:
-        raise SynthdistillError("Name a registry dataset (--dataset) or a class file (--classes).")
+        raise SynthdistillError(
+            f"Name a registry dataset ({setting('dataset', 'NAME')}) or a class file "
+            f"({setting('classes_file', 'FILE')})."
+        )
     domain = get_dataset(dataset)
     if superclass:
         domain = dataclasses.replace(domain, superclass=superclass, class_superclasses={})

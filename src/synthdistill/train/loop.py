@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from synthdistill.data.augment import Augmentation
 from synthdistill.data.decoded import open_or_build_decoded
 from synthdistill.errors import SynthdistillError
 from synthdistill.losses import LossSettings, WeightedLoss
+from synthdistill.progress import progress_bar
 from synthdistill.registry import Domain
 from synthdistill.runtime import (
     DistEnv,
@@ -340,7 +342,9 @@ def distill_student(
 
         # The loop: one optimisation step per batch; the loss is checked at each log line.
         distiller.train()
-        progress = tqdm(total=total_steps, initial=step, unit="step", disable=None if env.is_main else True)
+        if latest and env.is_main:
+            print(f"resuming from step {step} of {total_steps} ({latest})", file=sys.stderr, flush=True)
+        progress = progress_bar(total_steps, "distill", unit="step", initial=step, enabled=env.is_main)
         started, epoch = time.perf_counter(), data.start_epoch
         for step, epoch, batch in train_steps(data, config.epochs, log, start_step, stop_after_steps):
             with autocast(device, config.precision):
@@ -362,6 +366,7 @@ def distill_student(
             if step % config.checkpoint_every == 0:
                 save_checkpoint(step, data, log, checkpoints, distiller, optimizer, scheduler, env)
                 saved_step = step
+            progress.set_description(f"distill epoch {epoch + 1}/{config.epochs}", refresh=False)
             progress.update()
         if step > saved_step:  # where this call ends, finished or stopped
             if log.last.get("step") != step:

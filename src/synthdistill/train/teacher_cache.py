@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from synthdistill.config import config_hash
 from synthdistill.data.augment import Augmentation, augment
 from synthdistill.errors import SynthdistillError
 from synthdistill.fileio import atomic_write_json, exclusive_lock, temporary_name
+from synthdistill.progress import progress_iter
 from synthdistill.runtime import DistEnv, autocast, autocast_dtype, barrier
 from synthdistill.shards import INDEX_NAME
 from synthdistill.teacher import Teacher
@@ -190,9 +190,7 @@ def build_cache(
     batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
     device = teacher.device
     loaded = images.batches(batches, device)
-    for batch in tqdm(
-        loaded, total=len(batches), desc="teacher cache", unit="batch", disable=None if env.is_main else True
-    ):
+    for batch in progress_iter(loaded, len(batches), "teacher cache", unit="batch", enabled=env.is_main):
         if len(batch):
             (inputs,) = augment(batch, augmentation, [teacher.preprocessing])
             features = teacher_features(teacher, inputs, precision)
