@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from synthdistill.config import ExportConfig, config_hash
+from synthdistill.config import ExportConfig
 from synthdistill.deploy.forms import (
     FormResult,
     export_form,
@@ -56,10 +56,11 @@ from synthdistill.deploy.zero_shot import ZeroShotClassifier, classifier_for_dom
 from synthdistill.errors import SynthdistillError
 from synthdistill.evaluate import Entry, EvaluationResults
 from synthdistill.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json, temporary_name
+from synthdistill.identity import teacher_tower_identity
 from synthdistill.registry import Domain
 from synthdistill.shards import list_shards
 from synthdistill.student import Student
-from synthdistill.teacher import Teacher, _teacher_key
+from synthdistill.teacher import Teacher
 from synthdistill.tiny import is_tiny, register_tiny_clip_config
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,8 @@ class TeacherImageTower(nn.Module):
 def teacher_tower_onnx(teacher: Teacher, cache_dir: Path, opset: int, atol: float) -> Path:
     """The teacher's image tower as fp32 ONNX, exported once per teacher (its weights' identity) and
     opset into ``cache_dir`` and reused by every later export; verified against PyTorch."""
-    path = Path(cache_dir) / f"{TEACHER_TOWER}-{config_hash(_teacher_key(teacher), opset)}.onnx"
+    key = teacher_tower_identity(teacher.name, teacher.pretrained, opset)
+    path = Path(cache_dir) / f"{TEACHER_TOWER}-{key}.onnx"
     if path.is_file():
         return path
     tower = TeacherImageTower(teacher).eval()
