@@ -30,6 +30,7 @@ NOT_RUN = {  # a README command (its start) -> why no test runs it (each is stil
     "synthdistill evaluate --student runs/pets/student --datasets pets": "the real Pets test set",
     "synthdistill evaluate --teacher-only --teacher ViT-B-32": "the real Pets test set and ViT-B/32",
     "synthdistill evaluate --student runs/x/student --image-folder ~/mydata/test": "the user's own photos",
+    "synthdistill export -c configs/pets.yaml --precision": "int8 calibrates on the Pets run's own shards",
 }
 LISTING = "synthdistill prompts | generate | distill"  # names the subcommands; not a command
 
