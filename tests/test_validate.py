@@ -1,0 +1,195 @@
+"""Validation during training: zero-shot top-1 per epoch on a (fake) real test set, kept epoch
+checkpoints, the best epoch; and the chain's first stage checked before any work."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from synthdistill.cli import main
+from synthdistill.config import DistillConfig
+from synthdistill.errors import SynthdistillError
+from synthdistill.evaluate import zero_shot_top1
+from synthdistill.registry import get_dataset
+from synthdistill.student import create_student, load_init_weights, load_student
+from synthdistill.teacher import load_teacher
+from synthdistill.train import LOG_NAME, distill_student
+from synthdistill.train.validate import (
+    ValidationData,
+    check_init_exists,
+    epoch_checkpoint,
+    validation_epochs,
+)
+
+PETS = get_dataset("pets").classnames
+
+
+def tiny_config(**overrides) -> DistillConfig:
+    settings = dict(
+        teacher="tiny",
+        teacher_pretrained=None,
+        student="tiny",
+        epochs=3,
+        batch_size=8,
+        lr=2e-3,
+        workers=0,
+        cache_views=2,
+        checkpoint_every=100,
+        log_every=3,
+    )
+    return DistillConfig(**{**settings, **overrides})
+
+
+def write_pets(root: Path, labels: list[int], make_blob) -> Path:
+    """A fake Oxford-IIIT Pets test split in torchvision's layout (annotations/test.txt + images/)."""
+    base = root / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations").mkdir()
+    lines = []
+    for i, label in enumerate(labels):
+        image_id = f"{PETS[label].replace(' ', '_')}_{100 + i}"
+        make_blob(1000 + i, 32).save(base / "images" / f"{image_id}.jpg", format="JPEG")
+        lines.append(f"{image_id} {label + 1} 1 1")
+    (base / "annotations" / "test.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def validation_records(student_dir: Path) -> list[dict]:
+    lines = (student_dir / LOG_NAME).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == "validation"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, write_shards):
+    """48 images: 6 steps per epoch at batch 8."""
+    return write_shards(tmp_path_factory.mktemp("validate") / "shards", 48, shard_size=24)
+
+
+@pytest.fixture(scope="module")
+def pets_root(tmp_path_factory, make_blob):
+    return write_pets(tmp_path_factory.mktemp("data"), [i % 6 for i in range(18)], make_blob)
+
+
+def test_validation_per_epoch_equals_zero_shot_top1_of_that_epochs_kept_checkpoint(
+    tmp_path, shards, pets_root
+):
+    config = tiny_config(validate_every=1, keep_checkpoints="all")
+    summary = distill_student(
+        shards,
+        tmp_path / "student",
+        config,
+        validation=ValidationData(("pets",), str(pets_root), batch_size=5),
+    )
+    records = validation_records(tmp_path / "student")
+    assert [(r["epoch"], r["step"], r["dataset"], r["protocol"]) for r in records] == [
+        (0, 6, "pets", "paper"),
+        (1, 12, "pets", "paper"),
+        (2, 18, "pets", "paper"),
+    ]
+    teacher = load_teacher("tiny")
+    weights = []
+    for record in records:
+        kept = epoch_checkpoint(tmp_path / "checkpoints", record["epoch"])
+        student = create_student("tiny", teacher.embed_dim, preprocessing=teacher.preprocessing)
+        load_init_weights(student, kept)
+        weights.append(student.state_dict())
+        top1 = zero_shot_top1(student, student.config.preprocessing, teacher, "pets", pets_root, "paper")
+        assert top1 == record["top1"]
+    # three distinct epochs, the last one the finished student's
+    assert not torch.equal(weights[0]["head.proj.weight"], weights[1]["head.proj.weight"])
+    final = load_student(tmp_path / "student").state_dict()
+    assert all(torch.equal(final[k], weights[2][k]) for k in final)
+    top1s = [r["top1"] for r in records]
+    best = max(range(3), key=lambda e: (top1s[e], -e))
+    assert (summary.best_epoch, summary.best_top1) == (best, top1s[best])
+    assert summary.best_checkpoint == str(epoch_checkpoint(tmp_path / "checkpoints", best))
+
+
+def test_validation_changes_nothing_in_training_and_keep_last_keeps_no_epoch(tmp_path, shards, pets_root):
+    plain = distill_student(shards, tmp_path / "plain" / "student", tiny_config(epochs=2))
+    validated = distill_student(
+        shards,
+        tmp_path / "validated" / "student",
+        tiny_config(epochs=2, validate_every=2),
+        validation=ValidationData(("pets",), str(pets_root)),
+    )
+    a = load_file(str(Path(plain.student_dir) / "model.safetensors"))
+    b = load_file(str(Path(validated.student_dir) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in validation_records(tmp_path / "validated" / "student")] == [1]
+    assert not list((tmp_path / "validated" / "checkpoints").glob("epoch-*"))
+    assert validated.best_epoch == 1 and validated.best_checkpoint is None and plain.best_epoch is None
+
+
+def test_a_missing_test_set_logs_one_line_and_training_completes(tmp_path, shards, caplog):
+    with caplog.at_level(logging.WARNING):
+        summary = distill_student(
+            shards,
+            tmp_path / "student",
+            tiny_config(epochs=2, validate_every=1),
+            validation=ValidationData(("pets",), str(tmp_path / "no_data")),
+        )
+    assert summary.completed and summary.best_epoch is None
+    assert validation_records(tmp_path / "student") == []
+    skipped = [r for r in caplog.records if "pets" in r.getMessage() and "skipped" in r.getMessage()]
+    assert len(skipped) == 1
+
+
+def test_validation_epochs_are_every_nth_and_the_last():
+    assert validation_epochs(None, 5) == set()
+    assert validation_epochs(2, 5) == {1, 3, 4}
+    assert validation_epochs(1, 3) == {0, 1, 2}
+
+
+def test_check_init_exists_names_the_three_ways_on(tmp_path):
+    check_init_exists(None)
+    with pytest.raises(SynthdistillError) as error:
+        check_init_exists(tmp_path / "runs" / "imagenet" / "student")
+    message = str(error.value)
+    assert "runs/imagenet/student' does not exist" in message
+    for way in ("configs/datacomp_medium.yaml", "configs/imagenet.yaml", "configs/synthci30m.yaml"):
+        assert way in message
+    assert "--set distill.init=PATH" in message and "--set distill.init=null" in message
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "model.safetensors").write_bytes(b"")  # weights without config.json: not finished
+    with pytest.raises(SynthdistillError, match="holds no finished student"):
+        check_init_exists(unfinished)
+    (unfinished / "config.json").write_text("{}")
+    check_init_exists(unfinished)
+
+
+TINY = [
+    "--set",
+    "prompts.generator=template",
+    "--set",
+    "generate.model=tiny",
+    "--set",
+    "generate.lora=null",
+    "--set",
+    "distill.teacher=tiny",
+    "--set",
+    "distill.teacher_pretrained=null",
+    "--set",
+    "distill.student=tiny",
+]
+
+
+def test_distill_stops_before_any_work_when_the_init_is_missing(tmp_path, shards, capsys):
+    config = tiny_config(init=str(tmp_path / "runs" / "datacomp_medium" / "student"))
+    with pytest.raises(SynthdistillError, match="configs/datacomp_medium.yaml"):
+        distill_student(shards, tmp_path / "student", config)
+    assert not (tmp_path / "student").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_run_stops_before_any_work_when_the_init_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # distill.init is relative: runs/datacomp_medium/student
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    with pytest.raises(SystemExit):
+        main(["run", str(recipe), "--set", "distill.init=runs/datacomp_medium/student", *TINY])
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "distill.init 'runs/datacomp_medium/student' does not exist" in error
+    assert not (tmp_path / "runs").exists()
