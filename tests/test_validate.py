@@ -73,9 +73,7 @@ def pets_root(tmp_path_factory, make_blob):
     return write_pets(tmp_path_factory.mktemp("data"), [i % 6 for i in range(18)], make_blob)
 
 
-def test_validation_per_epoch_equals_zero_shot_top1_of_that_epochs_kept_checkpoint(
-    tmp_path, shards, pets_root
-):
+def test_each_epochs_validation_equals_zero_shot_top1_of_its_kept_checkpoint(tmp_path, shards, pets_root):
     config = tiny_config(validate_every=1, keep_checkpoints="all")
     summary = distill_student(
         shards,
