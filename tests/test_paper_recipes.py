@@ -105,3 +105,51 @@ def test_distill_pets_stops_at_once_too(tmp_path, capsys, monkeypatch):
         main(["distill", "-c", str(recipe), *TINY[6:]])
     assert "distill.init 'runs/datacomp_medium/student' does not exist" in capsys.readouterr().err
     assert not Path("runs").exists()
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_a_head_with_bias_saves_loads_and_exports_to_onnx_and_open_clip(head, tmp_path):
+    """PAPER.md's head, one linear layer with bias: kept by save/load and by both exports."""
+    import onnxruntime as ort
+    import open_clip
+    import torch
+
+    from synthdistill.config import ExportConfig
+    from synthdistill.export import OPEN_CLIP_DIR, export_student
+    from synthdistill.registry import domain_from_classes
+    from synthdistill.student import create_student, load_student, save_student
+    from synthdistill.teacher import load_teacher
+
+    teacher = load_teacher("tiny")
+    student = create_student(
+        "tiny", teacher.embed_dim, head, preprocessing=teacher.preprocessing, teacher="tiny", head_bias=True
+    )
+    bias = next(p for n, p in student.head.named_parameters() if n.endswith("bias") and "fc1" not in n)
+    assert bias.shape == (teacher.embed_dim,)
+    with torch.no_grad():
+        bias.copy_(torch.linspace(-1, 1, teacher.embed_dim))  # large enough to matter
+    save_student(student, tmp_path / "student")
+    loaded = load_student(tmp_path / "student")
+    assert loaded.config.head_bias
+    size = teacher.preprocessing.image_size
+    images = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = student.eval()(images)
+        assert torch.equal(loaded(images), expected)
+        unbiased = loaded.head[-1].fc2 if head == "mlp" else loaded.head.proj
+        unbiased.bias.zero_()
+        assert not torch.allclose(loaded(images), expected, atol=1e-3)  # the bias changes the embedding
+
+    domain = domain_from_classes(["cat", "dog", "bird"], superclass="pet", name="pets3")
+    config = ExportConfig(formats=["onnx", "open_clip"], bench=False)
+    export_student(tmp_path / "student", domain, tmp_path / "export", config)
+    mean = torch.tensor(teacher.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.preprocessing.std).view(1, 3, 1, 1)
+    session = ort.InferenceSession(
+        str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    _, embedding = session.run(None, {"images": (images * std + mean).numpy()})  # [0, 1] pixels in
+    assert torch.allclose(torch.as_tensor(embedding), expected, atol=1e-4)
+    clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export' / OPEN_CLIP_DIR}")
+    with torch.inference_mode():
+        assert torch.allclose(clip.eval().encode_image(images, normalize=True), expected, atol=1e-5)
