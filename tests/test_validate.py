@@ -164,3 +164,40 @@ def test_distill_stops_before_any_work_when_the_init_is_missing(tmp_path, shards
     with pytest.raises(SynthdistillError, match="configs/datacomp_medium.yaml"):
         distill_student(shards, tmp_path / "student", config)
     assert not (tmp_path / "student").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_the_report_draws_validation_beside_the_loss_and_names_the_best_epoch(tmp_path):
+    from PIL import Image
+
+    from synthdistill.report import build_report
+    from synthdistill.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.student.mkdir(parents=True)
+    losses = [{"step": s, "epoch": s // 4, "loss": 1.0 / s, "cosine": 0.5} for s in range(1, 9)]
+    checks = [
+        {
+            "event": "validation",
+            "epoch": e,
+            "step": 4 * (e + 1),
+            "dataset": "pets",
+            "protocol": "paper",
+            "top1": t,
+        }
+        for e, t in [(0, 0.25), (1, 0.5)]
+    ]
+    (run.student / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in losses + checks))
+    run.begin_stage("distill", "id")
+    run.finish_stage("distill", "id", {"best_epoch": 1, "best_top1": 0.5, "best_checkpoint": None})
+    blocks = build_report(run.root)
+    picture = next(b for b in blocks if type(b).__name__ == "Picture" and b.alt == "training curves")
+    text = blocks[blocks.index(picture) + 1].text
+    assert "best validation epoch 1: zero-shot top-1 0.5 (mean over pets, paper protocol)" in text
+    with_validation = Image.open(picture.path).size[0]
+    (run.student / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in losses))
+    picture = next(
+        b for b in build_report(run.root) if type(b).__name__ == "Picture" and b.alt == "training curves"
+    )
+    assert (
+        with_validation == Image.open(picture.path).size[0] * 3 // 2
+    )  # a third panel beside loss and cosine
