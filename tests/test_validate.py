@@ -201,3 +201,17 @@ def test_the_report_draws_validation_beside_the_loss_and_names_the_best_epoch(tm
     assert (
         with_validation == Image.open(picture.path).size[0] * 3 // 2
     )  # a third panel beside loss and cosine
+
+
+def test_validation_settings_are_checked_before_any_work(tmp_path):
+    from synthdistill.config import ConfigError, load_recipe
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    with pytest.raises(ConfigError, match="evaluate.datasets or set distill.validate_every=null"):
+        load_recipe(None, {"classes_file": str(classes), "dataset": None, "distill.validate_every": 1})
+    named = {"classes_file": str(classes), "evaluate.datasets": ["pets"], "distill.validate_every": 1}
+    assert load_recipe(None, named).distill.validate_every == 1
+    for key, value in [("distill.validate_every", 0), ("distill.keep_checkpoints", "best")]:
+        with pytest.raises(ConfigError, match=key):
+            load_recipe(None, {key: value})
