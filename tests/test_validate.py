@@ -3,12 +3,17 @@ checkpoints, the best epoch; and the chain's first stage checked before any work
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from synthdistill.cli import main
 from synthdistill.config import DistillConfig
 from synthdistill.errors import SynthdistillError
 from synthdistill.evaluate import zero_shot_top1
@@ -215,3 +220,49 @@ def test_validation_settings_are_checked_before_any_work(tmp_path):
     for key, value in [("distill.validate_every", 0), ("distill.keep_checkpoints", "best")]:
         with pytest.raises(ConfigError, match=key):
             load_recipe(None, {key: value})
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_an_epochs_end_resumes_to_the_same_validation_and_kept_checkpoints(
+    tmp_path, shards, pets_root
+):
+    """A real SIGKILL of `python -m synthdistill distill` right after the checkpoint that ends epoch 0,
+    before (or while) it validates and keeps anything else: the resumed run ends as a straight one."""
+    args = [
+        "distill", "--shards", str(shards), "--teacher", "tiny", "--student", "tiny", "--epochs", "3",
+        "--batch-size", "8", "--lr", "2e-3", "--workers", "0", "--device", "cpu",
+        "--set", "distill.teacher_pretrained=null", "--set", "distill.cache_views=2",
+        "--set", "distill.checkpoint_every=100", "--set", "distill.log_every=3",
+        "--set", "distill.validate_every=1", "--set", "distill.keep_checkpoints=all",
+        "--set", "evaluate.datasets=[pets]", "--set", f"evaluate.data_root={pets_root}",
+        "--set", "evaluate.workers=0", "--set", "evaluate.batch_size=5",
+    ]  # fmt: skip
+    killed = tmp_path / "killed" / "student"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "synthdistill", "-v", *args, "--out", str(killed)],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in process.stderr:  # the first checkpoint is the one at the end of epoch 0 (step 6)
+        if line.startswith("checkpoint "):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    main([*args, "--out", str(killed)])
+    straight = tmp_path / "straight" / "student"
+    main([*args, "--out", str(straight)])
+
+    def outcome(student_dir: Path) -> tuple:
+        kept = sorted((student_dir.parent / "checkpoints").glob("epoch-*"))
+        weights = [load_file(str(folder / "weights.safetensors")) for folder in kept]
+        return validation_records(student_dir), [folder.name for folder in kept], weights
+
+    (records, names, weights), (want_records, want_names, want_weights) = outcome(killed), outcome(straight)
+    assert records == want_records and [r["epoch"] for r in records] == [0, 1, 2]
+    assert names == want_names == ["epoch-0000", "epoch-0001", "epoch-0002"]
+    for got, want in zip(weights, want_weights, strict=True):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

@@ -378,6 +378,7 @@ def distill_student(
             device=device,
             log_path=out_dir / LOG_NAME,
             step=step,
+            resumed_from=latest,
             save=functools.partial(
                 save_checkpoint,
                 data=data,

@@ -99,8 +99,8 @@ def keep_checkpoint(step_dir: Path, kept: Path) -> Path:
     return kept
 
 
-def read_validation(log_path: Path) -> list[dict]:
-    """The ``validation`` records of a training log."""
+def read_events(log_path: Path) -> list[dict]:
+    """The event records of a training log (``validation``, ``epoch_end``, ...)."""
     if not log_path.is_file():
         return []
     records = []
@@ -109,9 +109,14 @@ def read_validation(log_path: Path) -> list[dict]:
             record = json.loads(line)
         except ValueError:  # a torn last line
             continue
-        if record.get("event") == "validation":
+        if "event" in record:
             records.append(record)
     return records
+
+
+def read_validation(log_path: Path) -> list[dict]:
+    """The ``validation`` records of a training log."""
+    return [r for r in read_events(log_path) if r["event"] == "validation"]
 
 
 def main_says(env: DistEnv, value: bool) -> bool:
@@ -146,7 +151,7 @@ def best_epoch(records: list[dict], checkpoint_dir: Path) -> BestEpoch | None:
 class EpochEnd:
     """Validation and kept checkpoints at the end of an epoch, called by the loop with the step
     reached; ``save(step)`` writes the newest checkpoint (a collective) and returns its folder on rank 0.
-    A call resumed at an epoch's end whose validation the stopped call had not logged does it first.
+    A call resumed (``resumed_from``, at ``step``) at an epoch's end first finishes that epoch's work.
 
     ``student`` maps images to unit embeddings; ``teacher`` builds the zero-shot heads. A test set
     that is missing is named in one log line and not tried again; training goes on.
@@ -169,6 +174,7 @@ class EpochEnd:
         device: torch.device,
         log_path: Path,
         step: int,
+        resumed_from: Path | None,
         save: Callable[[int], Path | None],
     ):
         self.student, self.teacher, self.protocol = student, teacher, protocol
@@ -184,10 +190,24 @@ class EpochEnd:
             for old in self.checkpoint_dir.glob(f"{EPOCH_CHECKPOINT_PREFIX}*"):
                 if old.is_dir() and int(old.name[len(EPOCH_CHECKPOINT_PREFIX) :]) >= start_epoch:
                     shutil.rmtree(old)
-        if start_epoch - 1 in self.epochs and not main_says(
-            env, any(r["epoch"] == start_epoch - 1 for r in read_validation(log_path))
-        ):  # the stopped call saved the epoch's end but did not validate it
-            self.validate_on_main(start_epoch - 1, step)
+        if resumed_from is not None:
+            self.finish_resumed_epoch(start_epoch - 1, step, resumed_from, log_path)
+
+    def finish_resumed_epoch(self, epoch: int, step: int, resumed_from: Path, log_path: Path) -> None:
+        """A call resumed from the checkpoint saved at the end of ``epoch`` does what the stopped
+        call may not have done after saving it: validate that epoch, keep its checkpoint."""
+        records = read_events(log_path) if self.env.is_main else []
+        ended = any(
+            r.get("event") == "epoch_end" and (r["epoch"], r["step"]) == (epoch, step) for r in records
+        )
+        if not main_says(self.env, ended):
+            return
+        validated = any(r["event"] == "validation" and r["epoch"] == epoch for r in records)
+        if epoch in self.epochs and not main_says(self.env, validated):
+            self.validate_on_main(epoch, step)
+        kept = epoch_checkpoint(self.checkpoint_dir, epoch)
+        if self.keep == "all" and self.env.is_main and not kept.is_dir():
+            keep_checkpoint(resumed_from, kept)
 
     def __call__(self, epoch: int, step: int) -> None:
         if epoch in self.epochs:
