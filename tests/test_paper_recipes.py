@@ -152,7 +152,7 @@ def test_a_head_with_bias_exports_to_onnx_and_open_clip(tmp_path):
     import onnxruntime as ort
     import open_clip
     import torch
-    from synthdistill.export import OPEN_CLIP_DIR, export_student
+    from synthdistill.deploy.export import OPEN_CLIP_DIR, export_student
 
     from synthdistill.config import ExportConfig
     from synthdistill.registry import domain_from_classes

@@ -31,6 +31,9 @@ NOT_RUN = {  # a README command (its start) -> why no test runs it (each is stil
     "synthdistill evaluate --teacher-only --teacher ViT-B-32": "the real Pets test set and ViT-B/32",
     "synthdistill evaluate --student runs/x/student --image-folder ~/mydata/test": "the user's own photos",
     "synthdistill export -c configs/pets.yaml --precision": "int8 calibrates on the Pets run's own shards",
+    "synthdistill run configs/datacomp_medium.yaml": "DataComp medium and the ViT-B/32 teacher",
+    "synthdistill run configs/food101.yaml": "the paper's recipe: Llama-2, SDXL and ViT-B/32 weights, a GPU",
+    "synthdistill prompts --dataset pets --generator paper --llm /path": "local Llama-2 weights",
 }
 LISTING = "synthdistill prompts | generate | distill"  # names the subcommands; not a command
 
