@@ -257,7 +257,11 @@ class DistillConfig:
     )
     warmup_steps: int = option(0, "Linear warm-up steps.", bounds="[0, inf)")
     grad_clip: float | None = option(1.0, "Gradient-norm clipping; null disables.", bounds="(0, inf)")
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.", choices=PRECISIONS)
+    precision: str = option(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or fp16 (autocast with a gradient scaler).",
+        choices=PRECISIONS,
+    )
     compile: bool = option(False, "torch.compile the student.", hashed=False)
     workers: int = option(4, "Data-loader worker processes per rank.", hashed=False, bounds="[0, inf)")
     aug_scale: list[float] = option(
@@ -319,6 +323,10 @@ class DistillConfig:
         "Start the student (backbone and head) from a student folder (runs/<name>/student) or a "
         "checkpoint folder (runs/<name>/checkpoints/step-N); null: random or student_pretrained.",
     )
+    betas: list[float] = option(
+        [0.9, 0.999], "AdamW betas [beta1, beta2], each in [0, 1) (the paper: [0.9, 0.98]).", bounds="[0, 1)"
+    )
+    eps: float = option(1.0e-8, "AdamW epsilon (the paper: 1e-6).", bounds="(0, inf)")
 
 
 @dataclass
@@ -572,6 +580,10 @@ def validate(recipe: RecipeConfig) -> None:
         raise ConfigError(
             "distill.init and distill.student_pretrained both choose the student's start weights; "
             "set distill.student_pretrained=false to start from distill.init, or distill.init=null."
+        )
+    if len(distill.betas) != 2:
+        raise ConfigError(
+            f"'distill.betas' must be two numbers [beta1, beta2], each in [0, 1); got {distill.betas}."
         )
     if distill.resampled and not (distill.train_data and distill.train_num_samples):
         raise ConfigError(
