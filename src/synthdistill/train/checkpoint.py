@@ -39,6 +39,14 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
+def seed_rng(seed: int) -> None:
+    """Seed every generator :func:`rng_state` saves (torch's, CUDA's, numpy's, Python's), so that a
+    fresh run's random state, and with it its checkpoints, is a function of the seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def set_rng_state(state: dict, device: torch.device) -> None:
     """Restore what :func:`rng_state` saved, in this process."""
     torch.set_rng_state(state["cpu"])

@@ -47,7 +47,7 @@ from synthdistill.student import (
     save_student,
 )
 from synthdistill.teacher import Teacher, load_teacher, teacher_embed_dim
-from synthdistill.train.checkpoint import Checkpoints, gather_rng_states, set_rng_state
+from synthdistill.train.checkpoint import Checkpoints, gather_rng_states, seed_rng, set_rng_state
 from synthdistill.train.log import LOG_NAME, NonFinite, TrainLog
 from synthdistill.train.optim import lr_factor, make_grad_scaler, make_optimizer
 from synthdistill.train.sources import (
@@ -358,7 +358,7 @@ def distill_student(
         if len(saved_rng) == env.world_size:
             set_rng_state(saved_rng[env.rank], device)
         else:  # a fresh start, or streamed data resumed on another number of processes
-            torch.manual_seed(derive_seed(seed, "train", env.rank, step))
+            seed_rng(derive_seed(seed, "train", env.rank, step))
         model = distiller
         if env.is_distributed:
             model = nn.parallel.DistributedDataParallel(

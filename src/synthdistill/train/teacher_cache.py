@@ -127,14 +127,14 @@ def open_or_build_cache(
 
 @contextlib.contextmanager
 def cache_lock(path: Path) -> Iterator[None]:
-    """The cache's lock file; a second process says once that it waits for the first."""
-    try:
-        with exclusive_lock(path, "the teacher cache"):
-            yield
-            return
-    except SynthdistillError:
-        logger.info("another process is building the teacher cache in %s: waiting for it", path.parent)
-    with exclusive_lock(path, "the teacher cache", wait=True):
+    """The cache's lock file; a second process says once that it waits for the first. Only the
+    refusal to take the lock is caught here: an error of the build itself (a full disk) goes on up."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(path, "the teacher cache"))
+        except SynthdistillError:
+            logger.info("another process is building the teacher cache in %s: waiting for it", path.parent)
+            held.enter_context(exclusive_lock(path, "the teacher cache", wait=True))
         yield
 
 
