@@ -264,3 +264,14 @@ def test_parameter_groups_keep_biases_norms_and_timms_exclusions_out_of_weight_d
     assert "head.proj.weight" in decay and "trunk.patch_embed.conv1.conv.weight" in decay
     optimizer = torch.optim.AdamW(groups, lr=1e-3)  # what the groups are for
     assert len(optimizer.param_groups) == 2
+
+
+def test_a_student_whose_trunk_has_a_pre_logits_layer_projects_its_real_width():
+    """timm's MobileNetV3 applies conv_head after pooling (960 -> 1280 features): the head must take 1280."""
+    import torch
+
+    from synthdistill.student import create_student
+
+    student = create_student("mobilenetv3_large_100", 32)
+    assert student.head.proj.in_features == student.trunk.head_hidden_size == 1280
+    assert student(torch.randn(1, 3, 96, 96)).shape == (1, 32)

@@ -213,7 +213,8 @@ class Student(nn.Module):
         self.config = config
         image_size = config.preprocessing.image_size if config.preprocessing else None
         self.trunk = create_trunk(config.timm_name, weights, image_size)
-        width = self.trunk.num_features
+        # what the trunk returns: after timm's pre-logits head layer where it has one (MobileNetV3)
+        width = getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features
         if config.head == "linear":
             layers = OrderedDict(
                 drop=nn.Dropout(0.0), proj=nn.Linear(width, config.embed_dim, bias=config.head_bias)
