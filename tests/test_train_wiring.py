@@ -245,3 +245,15 @@ def test_stochastic_depth_on_two_processes_resumes_exactly_after_a_kill(two_shar
         load_file(str(killed / "model.safetensors")),
         load_file(str(tmp_path / "straight" / "student" / "model.safetensors")),
     )
+
+
+@pytest.mark.parametrize("betas", [[0.9, 1.0], [0.9], [-0.1, 0.98]])
+def test_betas_are_two_numbers_in_0_1_refused_before_any_model_loads(betas):
+    from synthdistill.config import RecipeConfig, validate
+
+    recipe = RecipeConfig()
+    recipe.distill.betas = betas
+    with pytest.raises(SynthdistillError, match="distill.betas"):
+        validate(recipe)
+    recipe.distill.betas = [0.9, 0.98]
+    validate(recipe)
