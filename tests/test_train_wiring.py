@@ -206,6 +206,14 @@ def ddp_command(out: Path, shards: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its ranks in sessions of their own)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [p for child in children for p in (child, *descendants(child))]
+
+
 @pytest.mark.slow
 def test_stochastic_depth_on_two_processes_resumes_exactly_after_a_kill(two_shard_sets, tmp_path):
     """Drop path draws masks from each rank's own generator: a resumed run equals a straight one
@@ -219,7 +227,8 @@ def test_stochastic_depth_on_two_processes_resumes_exactly_after_a_kill(two_shar
     )  # fmt: skip
     for line in process.stderr:  # blocks until rank 0 says it wrote a checkpoint
         if line.startswith("checkpoint "):
-            os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks at once
+            for pid in [process.pid, *descendants(process.pid)]:  # torchrun and both ranks
+                os.kill(pid, signal.SIGKILL)
             break
     process.wait()
     assert process.returncode == -signal.SIGKILL
@@ -236,3 +245,15 @@ def test_stochastic_depth_on_two_processes_resumes_exactly_after_a_kill(two_shar
         load_file(str(killed / "model.safetensors")),
         load_file(str(tmp_path / "straight" / "student" / "model.safetensors")),
     )
+
+
+@pytest.mark.parametrize("betas", [[0.9, 1.0], [0.9], [-0.1, 0.98]])
+def test_betas_are_two_numbers_in_0_1_refused_before_any_model_loads(betas):
+    from synthdistill.config import RecipeConfig, validate
+
+    recipe = RecipeConfig()
+    recipe.distill.betas = betas
+    with pytest.raises(SynthdistillError, match="distill.betas"):
+        validate(recipe)
+    recipe.distill.betas = [0.9, 0.98]
+    validate(recipe)
