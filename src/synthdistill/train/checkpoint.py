@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from synthdistill.config import DistillConfig, config_hash, hashed_settings
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, argument
 from synthdistill.fileio import temporary_name
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ class Checkpoints:
         if state["run_hash"] != self.run_hash:
             raise SynthdistillError(
                 f"The checkpoint '{path}' was made under another config, other training data or (on the "
-                "run's shards) another number of processes; rerun with --no-resume to start over, or "
-                "choose another --out."
+                f"run's shards) another number of processes; delete '{path.parent}' (or rerun `distill` "
+                f"with {argument('--no-resume', 'resume=False')}) to start over, or choose another --out."
             )
         distiller.load_state_dict(load_file(str(path / "weights.safetensors"), device=str(device)))
         optimizer.load_state_dict(state["optimizer"])
