@@ -37,17 +37,18 @@ TINY_EXPORT_CLASSES = ["cat", "dog", "bird", "fish", "car"]
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """A saved tiny student (teacher 'tiny') and its export in every format, latency with 1 repeat.
+    """A saved tiny student (teacher 'tiny') in a run-like folder with synthetic shards, and its export in
+    every format plus the int8 form, latency on a tiny time budget.
 
-    Returns a namespace: student_dir, domain, out_dir, summary, eval_results.
+    Returns a namespace: root, student_dir, domain, out_dir, summary, eval_results, config.
     """
-    import json
     from types import SimpleNamespace
 
     import torch
 
     from synthdistill.config import ExportConfig
-    from synthdistill.export import export_student
+    from synthdistill.deploy.export import export_student
+    from synthdistill.evaluate import Entry, EvaluationResults, write_results
     from synthdistill.registry import domain_from_classes
     from synthdistill.student import create_student, save_student
     from synthdistill.teacher import load_teacher
@@ -61,25 +62,40 @@ def tiny_export(tmp_path_factory):
         )
     student_dir = save_student(student, root / "student")
     domain = domain_from_classes(TINY_EXPORT_CLASSES, superclass="thing", name="things")
-    eval_results = root / "results.json"
-    entry = {"dataset": "things", "n_images": 64, "headline_metric": "top1", "templates": ["a {c}."]}
-    eval_results.write_text(  # the shape of evaluate's results.json
-        json.dumps(
-            {
-                "teacher": "tiny",
-                "student": "test_efficientnet",
-                "entries": [
-                    {**entry, "model": "student", "top1": 0.8125, "top5": 0.96875, "headline": 0.8125},
-                    {**entry, "model": "teacher", "top1": 0.90625, "top5": 1.0, "headline": 0.90625},
-                ],
-            }
-        )
+    write_blob_shards(root / "shards", 96, classes=tuple(TINY_EXPORT_CLASSES), shard_size=48)
+    common = {
+        "dataset": "things", "teacher": "tiny", "student": "test_efficientnet", "source": "test",
+        "num_classes": 5, "templates": ["a {c}."], "precision": "fp32", "n_images": 64,
+        "skipped_images": 0, "headline_metric": "top1",
+    }  # fmt: skip
+    results = EvaluationResults(teacher="tiny", student="test_efficientnet", precision="fp32", device="cpu")
+    results.entries = [
+        Entry(**common, model="student", model_id="test_efficientnet", top1=0.8125, top5=0.96875,
+              mean_per_class_recall=0.8, headline=0.8125, agreement_with_teacher=0.875),
+        Entry(**common, model="teacher", model_id="tiny", top1=0.90625, top5=1.0,
+              mean_per_class_recall=0.9, headline=0.90625),
+    ]  # fmt: skip
+    write_results(results, root / "eval")
+    config = ExportConfig(
+        formats=["onnx", "torchscript", "open_clip"],
+        precision=["fp32", "int8"],
+        min_agreement=0.5,
+        calibration_images=32,
+        agreement_images=64,
+        bench_repeats=1,
+        bench_seconds=0.01,
     )
-    config = ExportConfig(formats=["onnx", "torchscript", "open_clip"], bench_repeats=1)
     out_dir = root / "export"
+    eval_results = root / "eval" / "results.json"
     summary = export_student(student_dir, domain, out_dir, config, eval_results=eval_results)
     return SimpleNamespace(
-        student_dir=student_dir, domain=domain, out_dir=out_dir, summary=summary, eval_results=eval_results
+        root=root,
+        student_dir=student_dir,
+        domain=domain,
+        out_dir=out_dir,
+        summary=summary,
+        eval_results=eval_results,
+        config=config,
     )
 
 

@@ -78,7 +78,7 @@ def test_ddp_over_nccl_on_one_process():
 
 def test_export_of_a_cuda_trained_student_matches_pytorch(tmp_path, shards):
     from synthdistill.config import ExportConfig
-    from synthdistill.export import export_student
+    from synthdistill.deploy.export import export_student
     from synthdistill.registry import domain_from_classes
     from synthdistill.train import distill_student
 

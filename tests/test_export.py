@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 
 import numpy as np
@@ -15,17 +14,19 @@ import torch
 
 from synthdistill.cli import main
 from synthdistill.config import ExportConfig
-from synthdistill.errors import SynthdistillError
-from synthdistill.export import (
+from synthdistill.deploy.export import (
     CARD_NAME,
     OPEN_CLIP_DIR,
     OPEN_CLIP_WEIGHTS,
+    TEACHER_TOWER,
     TORCHSCRIPT_INFO,
-    build_classifier,
-    count_flops,
     export_student,
 )
-from synthdistill.predict import EXPORT_FORMAT_VERSION, LABELS_NAME
+from synthdistill.deploy.forms import read_sample_images
+from synthdistill.deploy.latency import Timing, count_flops, time_calls
+from synthdistill.deploy.predict import EXPORT_FORMAT_VERSION, LABELS_NAME, ModelInfo
+from synthdistill.deploy.zero_shot import classifier_for_domain
+from synthdistill.errors import SynthdistillError
 from synthdistill.student import create_student, load_student, save_student
 from synthdistill.teacher import load_teacher
 
@@ -33,7 +34,7 @@ from synthdistill.teacher import load_teacher
 @pytest.fixture(scope="module")
 def classifier(tiny_export):
     """The PyTorch reference the exports must reproduce."""
-    return build_classifier(tiny_export.student_dir, tiny_export.domain)[0]
+    return classifier_for_domain(tiny_export.student_dir, tiny_export.domain, head_cache=None)[0]
 
 
 def random_batch(batch_size: int, seed: int = 123) -> torch.Tensor:
@@ -72,6 +73,7 @@ def test_onnx_metadata_and_labels_json_describe_the_model(tiny_export):
     assert labels["preprocessing"]["image_size"] == 64
     assert labels["preprocessing"]["resize_mode"] == "shortest"
     assert labels["preprocessing"]["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert labels["templates"] == list(tiny_export.domain.templates) and labels["superclass"] == "thing"
 
 
 def test_torchscript_matches_pytorch(tiny_export, classifier):
@@ -142,12 +144,14 @@ def tiny_teacher_image_flops() -> int:
     return 2 * (patch_embed + layers * per_layer + width * 32)
 
 
-def card_row(card: str, first_cell: str) -> str:
-    (row,) = [line for line in card.splitlines() if line.startswith(f"| {first_cell}")]
+def card_row(card: str, first_cell: str, containing: str = "") -> str:
+    (row,) = [line for line in card.splitlines() if line.startswith(f"| {first_cell}") and containing in line]
     return row
 
 
-def test_model_card_lists_parameters_flops_and_latency_of_student_and_teacher(tiny_export):
+def test_model_card_lists_parameters_flops_and_onnx_runtime_latency_of_every_form_and_the_teacher(
+    tiny_export,
+):
     summary = tiny_export.summary
     card = (tiny_export.out_dir / CARD_NAME).read_text()
     student = load_student(tiny_export.student_dir)
@@ -157,7 +161,7 @@ def test_model_card_lists_parameters_flops_and_latency_of_student_and_teacher(ti
     )
     assert summary.teacher_flops == tiny_teacher_image_flops()
     assert summary.student_flops == count_flops(student, torch.zeros(1, 3, 64, 64)) > 0
-    student_row, teacher_row = card_row(card, "student `"), card_row(card, "teacher `")
+    student_row, teacher_row = card_row(card, "student `", " px |"), card_row(card, "teacher `", " px |")
     assert (
         f"{summary.student_parameters:,}" in student_row
         and f"{summary.student_flops / 1e9:.4g}" in student_row
@@ -166,20 +170,118 @@ def test_model_card_lists_parameters_flops_and_latency_of_student_and_teacher(ti
         f"{summary.teacher_parameters:,}" in teacher_row
         and f"{summary.teacher_flops / 1e9:.4g}" in teacher_row
     )
-
-    for model in ("student", "teacher"):
-        timings = re.findall(r"([\d.]+) \(([\d.]+)\)", card_row(card, f"{model} |"))
-        assert len(timings) == 2 and all(float(ms) > 0 and float(rate) > 0 for ms, rate in timings)
-    assert sorted((row.model, row.batch_size) for row in summary.latency) == [
-        ("student", 1),
-        ("student", 32),
-        ("teacher", 1),
-        ("teacher", 32),
+    cpu = [row for row in summary.latency if row.provider == "CPUExecutionProvider"]
+    assert sorted((row.model, row.precision, row.batch_size) for row in cpu) == [
+        ("student", "fp32", 1),
+        ("student", "fp32", 32),
+        ("student", "int8", 1),
+        ("student", "int8", 32),
+        ("teacher", "fp32", 1),
+        ("teacher", "fp32", 32),
     ]
-    assert f"{os.cpu_count()} logical CPUs" in card
-    assert card_row(card, "things / student") == "| things / student | 0.8125 | 0.8125 | 0.9688 |"
-    assert card_row(card, "things / teacher") == "| things / teacher | 0.9062 | 0.9062 | 1 |"
+    assert all(row.threads >= 1 and row.timing.runs >= 1 for row in summary.latency)
+    by_key = {(r.model, r.precision, r.batch_size): r for r in cpu}
+    for model, precision in [("student", "fp32"), ("student", "int8"), ("teacher", "fp32")]:
+        row = card_row(card, f"{model} `", f"| {precision} |")
+        for batch in (1, 32):
+            timing = by_key[model, precision, batch].timing
+            assert f"{timing.median_ms:.2f} [{timing.q1_ms:.2f}-{timing.q3_ms:.2f}, {timing.runs}]" in row
+            speedup = (
+                by_key["teacher", "fp32", batch].milliseconds / by_key[model, precision, batch].milliseconds
+            )
+            assert f"{speedup:.2f}x" in row
+    (int8,) = summary.forms
+    int8_row = card_row(card, "student `", "| int8 |")
+    assert int8_row.endswith(f"| {int8.agreement:.1%} ({int8.held_out_images} images) |")
+    assert f"{os.cpu_count()} logical CPUs" in card and "intra-op threads" in card
+    assert (
+        card_row(card, "things | student") == "| things | student | 64 | 81.2 | 96.9 | 80.0 | 81.2 | 87.5 |"
+    )
+    assert card_row(card, "things | teacher") == "| things | teacher | 64 | 90.6 | 100.0 | 90.0 | 90.6 |  |"
     assert ", ".join(tiny_export.domain.classnames) in card
+
+
+def test_int8_form_is_written_and_its_agreement_is_fp32s_on_held_out_synthetic_images(tiny_export):
+    """The agreement recomputed from the two files on the images calibration did not see."""
+    out = tiny_export.out_dir
+    assert (out / "model.int8.onnx").is_file()
+    (form,) = tiny_export.summary.forms
+    assert form.precision == "int8" and form.written and form.path == out / "model.int8.onnx"
+    int8_model = onnx.load(str(out / "model.int8.onnx"))
+    assert {node.op_type for node in int8_model.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    assert json.loads({p.key: p.value for p in int8_model.metadata_props}["precision"]) == "int8"
+
+    info = ModelInfo.from_json(json.loads((out / LABELS_NAME).read_text()), "labels.json")
+    config = tiny_export.config
+    samples = read_sample_images(
+        tiny_export.root / "shards", info, config.calibration_images, config.agreement_images
+    )
+    assert not set(samples.calibration_keys) & set(samples.held_out_keys)
+    assert len(samples.calibration_keys) == 32 and len(samples.held_out_keys) == 64 == form.held_out_images
+    top1 = [
+        ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        .run(["logits"], {"images": samples.held_out})[0]
+        .argmax(axis=1)
+        for name in ("model.onnx", "model.int8.onnx")
+    ]
+    assert form.agreement == pytest.approx(float(np.mean(top1[0] == top1[1])))
+    assert 0.5 <= form.agreement <= 1.0
+
+
+def test_a_form_below_min_agreement_is_not_written_and_the_export_still_succeeds(
+    tiny_export, tmp_path, caplog
+):
+    """A random tiny student's int8 form flips some of 64 held-out images: at threshold 1.0 it is refused."""
+    out = tmp_path / "export"
+    config = ExportConfig(
+        formats=["onnx"],
+        precision=["fp32", "int8"],
+        min_agreement=1.0,
+        calibration_images=4,
+        agreement_images=64,
+        sample_images=str(tiny_export.root / "shards"),
+        bench=False,
+    )
+    with caplog.at_level("WARNING", logger="synthdistill.deploy.export"):
+        summary = export_student(tiny_export.student_dir, tiny_export.domain, out, config)
+    (form,) = summary.forms
+    assert not form.written and form.agreement < 1.0
+    assert sorted(p.name for p in out.iterdir()) == [CARD_NAME, LABELS_NAME, "model.onnx"]
+    sentence = form.refusal()
+    assert f"{form.agreement:.1%} on 64 held-out" in sentence and "\n" not in sentence
+    assert sentence in caplog.text and sentence in (out / CARD_NAME).read_text()
+
+
+def test_the_teacher_tower_onnx_is_exported_once_per_teacher_and_reused(tiny_export, tmp_path):
+    cache = tiny_export.root / "eval" / "zero_shot_heads"
+    (tower,) = cache.glob(f"{TEACHER_TOWER}-*.onnx")
+    before = tower.stat().st_mtime_ns
+    config = ExportConfig(formats=["onnx"], bench_repeats=1, bench_seconds=0.01, cache_dir=str(cache))
+    from synthdistill.registry import domain_from_classes
+
+    summary = export_student(
+        tiny_export.student_dir, domain_from_classes(["a", "b"]), tmp_path / "export", config
+    )
+    assert list(cache.glob(f"{TEACHER_TOWER}-*.onnx")) == [tower] and tower.stat().st_mtime_ns == before
+    assert {row.model for row in summary.latency} == {"student", "teacher"}
+
+
+def test_every_exported_file_is_readable_by_group_and_others(tiny_export):
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in tiny_export.out_dir.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.onnx", "model.int8.onnx", OPEN_CLIP_WEIGHTS, CARD_NAME}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o644 & ~umask)}
+
+
+def test_latency_timing_takes_at_least_min_runs_after_warm_up_and_reports_quartiles():
+    calls = []
+    timing = time_calls(lambda: calls.append(1), budget_s=0.0, min_runs=7, warmup=2)
+    assert timing.runs == 7 and len(calls) == 9
+    stats = Timing.of([0.004, 0.001, 0.003, 0.002, 0.005])
+    assert (stats.median_ms, stats.q1_ms, stats.q3_ms, stats.min_ms, stats.max_ms) == pytest.approx(
+        (3.0, 2.0, 4.0, 1.0, 5.0)
+    )
 
 
 def test_cli_export_torchscript_without_benchmark(tiny_export, tmp_path, capsys):
@@ -194,14 +296,14 @@ def test_cli_export_torchscript_without_benchmark(tiny_export, tmp_path, capsys)
     assert "torchscript" in printed and "verified" in printed and "parameters" in printed
     assert sorted(p.name for p in out.iterdir()) == [CARD_NAME, LABELS_NAME, "model.torchscript.pt"]
     card = (out / CARD_NAME).read_text()
-    assert "Not measured (export.bench is off)." in card
+    assert "Not measured: latency is measured on the ONNX model" in card
     assert "No evaluation results were given" in card
     assert json.loads((out / LABELS_NAME).read_text())["classnames"] == ["red", "green", "blue"]
 
 
 def test_verification_failure_fails_loudly_and_leaves_no_file(tiny_export, tmp_path):
     out = tmp_path / "export"
-    config = ExportConfig(formats=["onnx"], atol=0.0, bench=False)
+    config = ExportConfig(formats=["onnx"], atol=0.0, bench=False, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(SynthdistillError, match="differs from PyTorch by .* it was not written"):
         export_student(tiny_export.student_dir, tiny_export.domain, out, config)
     assert list(out.iterdir()) == []
@@ -237,6 +339,8 @@ def test_a_student_folder_without_weights_is_refused(tiny_export, tmp_path):
     [
         (ExportConfig(opset=17), "opset 17 is too old"),
         (ExportConfig(formats=["tflite"]), r"formats \['tflite'\] are not known"),
+        (ExportConfig(formats=["torchscript"], precision=["int8"]), "add onnx to export.formats"),
+        (ExportConfig(precision=["fp32", "int8"]), "holds no shards; set export.sample_images"),
     ],
 )
 def test_bad_export_settings_are_refused_before_any_work(tiny_export, tmp_path, config, message):
@@ -255,3 +359,42 @@ def test_missing_evaluation_results_are_refused_before_any_work(tiny_export, tmp
             eval_results=tmp_path / "missing.json",
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_results_that_are_not_evaluates_are_refused_in_one_sentence(tiny_export, tmp_path):
+    foreign = tmp_path / "results.json"
+    foreign.write_text(json.dumps({"things": {"student": {"top1": 0.5}}}))
+    with pytest.raises(SynthdistillError, match="is not a results.json written by `synthdistill evaluate`"):
+        export_student(
+            tiny_export.student_dir,
+            tiny_export.domain,
+            tmp_path / "out",
+            ExportConfig(),
+            eval_results=foreign,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_alone_is_written_from_an_fp32_reference_that_is_not_kept(tiny_export, classifier, tmp_path):
+    out = tmp_path / "export"
+    config = ExportConfig(
+        formats=["onnx"],
+        precision=["fp16"],
+        calibration_images=8,
+        agreement_images=64,
+        sample_images=str(tiny_export.root / "shards"),
+        bench=False,
+    )
+    summary = export_student(tiny_export.student_dir, tiny_export.domain, out, config)
+    assert sorted(p.name for p in out.iterdir()) == [CARD_NAME, LABELS_NAME, "model.fp16.onnx"]
+    (form,) = summary.forms
+    assert form.written and form.agreement >= 0.99 and form.held_out_images == 64
+    model = onnx.load(str(out / "model.fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    info = ModelInfo.from_json(json.loads((out / LABELS_NAME).read_text()), "labels.json")
+    samples = read_sample_images(tiny_export.root / "shards", info, 8, 64)
+    session = ort.InferenceSession(str(out / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    fp16_top1 = session.run(["logits"], {"images": samples.held_out})[0].argmax(axis=1)
+    with torch.inference_mode():
+        torch_top1 = classifier(torch.from_numpy(samples.held_out))[0].argmax(dim=1).numpy()
+    assert np.mean(fp16_top1 == torch_top1) >= 0.99

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from synthdistill.cli import main
+from synthdistill.deploy.predict import ModelInfo, collect_images, load_image, predict
+from synthdistill.deploy.zero_shot import predict_student
 from synthdistill.errors import SynthdistillError
-from synthdistill.predict import ModelInfo, collect_images, load_image, predict
 from synthdistill.registry import domain_from_classes
 
 CLASSES = ("cat", "dog", "bird", "fish", "car")
@@ -80,15 +81,54 @@ def test_preprocessing_equals_open_clips_eval_transform(tmp_path, make_image):
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-def test_real_photographs_get_the_same_top_k_from_onnx_and_from_the_student_folder(tiny_export, onnx_model):
-    photos = real_photographs()
-    from_onnx = predict(onnx_model, photos, top_k=3)
-    from_student = predict(tiny_export.student_dir, photos, domain=tiny_export.domain, top_k=3)
-    assert [p.path for p in from_onnx] == photos
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory) -> Path:
+    """scikit-learn's two sample photographs, each also mirrored and cropped to its four quarters."""
+    from sklearn.datasets import load_sample_images
+
+    folder = tmp_path_factory.mktemp("photos")
+    for number, array in enumerate(load_sample_images().images):
+        photo = Image.fromarray(array)
+        width, height = photo.size
+        variants = {"photo": photo, "mirrored": photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)}
+        for i, (left, top) in enumerate(
+            [(0, 0), (width // 2, 0), (0, height // 2), (width // 2, height // 2)]
+        ):
+            variants[f"quarter{i}"] = photo.crop((left, top, left + width // 2, top + height // 2))
+        for name, image in variants.items():
+            image.save(folder / f"{number}-{name}.jpg", quality=95)
+    return folder
+
+
+def test_the_student_folder_classifies_real_photos_exactly_as_its_onnx_export_without_class_options(
+    tiny_export, onnx_model, photo_folder
+):
+    """predict --student takes classes, templates and superclass from the run's export/labels.json."""
+    from_onnx = predict(onnx_model, [str(photo_folder)], top_k=3)
+    from_student = predict_student(tiny_export.student_dir, [str(photo_folder)], top_k=3)
+    assert len(from_onnx) == 12 and [p.path for p in from_student] == [p.path for p in from_onnx]
     for a, b in zip(from_onnx, from_student, strict=True):
         assert_valid_top_k(a, 3)
-        assert a.indices == b.indices
+        assert a.indices[0] == b.indices[0]
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-4)
+    labels = tiny_export.out_dir / "labels.json"
+    explicit = predict_student(tiny_export.student_dir, [str(photo_folder)], labels=labels, top_k=3)
+    assert [p.indices for p in explicit] == [p.indices for p in from_student]
+
+
+def test_the_int8_model_predicts_like_the_fp32_one(tiny_export, photo_folder, capsys):
+    int8 = tiny_export.out_dir / "model.int8.onnx"
+    main(["predict", "--model", str(int8), str(photo_folder), "--top-k", "5", "--json"])
+    from_int8 = json.loads(capsys.readouterr().out)
+    from_fp32 = predict(tiny_export.out_dir / "model.onnx", [str(photo_folder)], top_k=5)
+    assert [r["path"] for r in from_int8] == [p.path for p in from_fp32]
+    for result in from_int8:
+        assert sorted(c["class"] for c in result["top_k"]) == sorted(CLASSES)
+        assert sum(c["probability"] for c in result["top_k"]) == pytest.approx(1.0, abs=1e-6)
+    agreement = np.mean(
+        [r["top_k"][0]["index"] == p.indices[0] for r, p in zip(from_int8, from_fp32, strict=True)]
+    )
+    assert agreement >= tiny_export.config.min_agreement
 
 
 def test_png_jpeg_webp_and_gray_files_each_get_a_valid_top_k_in_any_batching(onnx_model, image_folder):
@@ -154,7 +194,13 @@ def rewrite_metadata(source: Path, target: Path, change) -> Path:
     return target
 
 
+def lone_copy(student_dir: Path, folder: Path) -> Path:
+    """The student folder outside its run directory: no export/labels.json beside it."""
+    return Path(shutil.copytree(student_dir, folder / "lone" / "student"))
+
+
 def test_bad_input_is_refused_with_one_clear_line(tiny_export, onnx_model, tmp_path, make_image):
+    lone_student = lone_copy(tiny_export.student_dir, tmp_path)
     make_image(6).save(tmp_path / "ok.png")
     image = [str(tmp_path / "ok.png")]
     (tmp_path / "text.jpg").write_text("hello")
@@ -163,10 +209,17 @@ def test_bad_input_is_refused_with_one_clear_line(tiny_export, onnx_model, tmp_p
         "has 2 classes but .* was exported with 5": lambda: predict(
             onnx_model, image, domain=domain_from_classes(["a", "b"])
         ),
-        "needs the classes: pass --dataset or --classes": lambda: predict(tiny_export.student_dir, image),
+        "needs the classes: pass --labels": lambda: predict_student(lone_student, image),
+        "is a student folder, which runs on PyTorch": lambda: predict(tiny_export.student_dir, image),
+        "either --labels or --dataset / --classes": lambda: predict_student(
+            tiny_export.student_dir,
+            image,
+            labels=tiny_export.out_dir / "labels.json",
+            domain=tiny_export.domain,
+        ),
         "is not a file, a folder or a glob": lambda: predict(onnx_model, [str(tmp_path / "missing.png")]),
         "matches no file": lambda: predict(onnx_model, [str(tmp_path / "*.gif")]),
-        "neither an exported .onnx file nor a student folder": lambda: predict(tmp_path / "ok.png", image),
+        "neither an exported .onnx file nor an export folder": lambda: predict(tmp_path / "ok.png", image),
     }
     for message, call in cases.items():
         with pytest.raises(SynthdistillError, match=message) as error:
@@ -180,7 +233,7 @@ def test_a_student_folder_without_weights_is_refused(tiny_export, tmp_path, make
     shutil.copy(tiny_export.student_dir / "config.json", incomplete)
     make_image(7).save(tmp_path / "a.png")
     with pytest.raises(SynthdistillError, match="'model.safetensors' is missing"):
-        predict(incomplete, [str(tmp_path / "a.png")], domain=tiny_export.domain)
+        predict_student(incomplete, [str(tmp_path / "a.png")], domain=tiny_export.domain)
 
 
 def test_an_onnx_file_of_another_export_format_version_is_refused(onnx_model, tmp_path, make_image):
@@ -229,20 +282,32 @@ def test_cli_predict_with_a_student_folder_and_an_error_exit(tiny_export, tmp_pa
     out = capsys.readouterr().out
     assert out.splitlines()[0] == str(tmp_path / "a.png") and len(out.splitlines()) == 6
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--student", str(tiny_export.student_dir), str(tmp_path)])
+        main(
+            [
+                "predict",
+                "--student",
+                str(lone_copy(tiny_export.student_dir, tmp_path)),
+                str(tmp_path / "a.png"),
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--classes" in err[0]
 
 
-def test_onnx_prediction_runs_on_onnxruntime_without_importing_torch(tiny_export, tmp_path, make_image):
+def test_onnx_prediction_runs_on_onnxruntime_without_importing_torch_or_timm(
+    tiny_export, tmp_path, make_image
+):
     """What a deployment needs: onnxruntime, Pillow, numpy; the export folder may stand for its model."""
     make_image(13).save(tmp_path / "a.png")
     code = (
         "import sys\n"
-        "from synthdistill.predict import predict\n"
-        f"(p,) = predict({str(tiny_export.out_dir)!r}, [{str(tmp_path / 'a.png')!r}], top_k=2)\n"
-        "print(len(p.classes), 'torch' in sys.modules)\n"
+        "from synthdistill.deploy.predict import predict\n"
+        f"image = [{str(tmp_path / 'a.png')!r}]\n"
+        f"(p,) = predict({str(tiny_export.out_dir)!r}, image, top_k=2)\n"
+        f"(q,) = predict({str(tiny_export.out_dir / 'model.int8.onnx')!r}, image, top_k=2)\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'open_clip') if m in sys.modules)\n"
+        "print(len(p.classes), len(q.classes), heavy)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["2", "False"]
+    assert result.stdout.split() == ["2", "2", "[]"]

@@ -10,10 +10,10 @@ def test_student_preprocess_is_the_evaluation_transform_and_the_onnx_model_takes
     tmp_path, make_image
 ):
     import onnxruntime as ort
+    from synthdistill.deploy.export import export_student
 
     from synthdistill.config import ExportConfig
     from synthdistill.evaluate.test_sets import validation_transform
-    from synthdistill.export import export_student
     from synthdistill.registry import domain_from_classes
     from synthdistill.student import create_student, save_student
     from synthdistill.teacher import load_teacher

@@ -26,7 +26,7 @@ _API = {
     "write_prompts": "synthdistill.prompts",
     "generate_images": "synthdistill.generate",
     "distill_student": "synthdistill.train",
-    "export_student": "synthdistill.export",
+    "export_student": "synthdistill.deploy.export",
     "run_pipeline": "synthdistill.pipeline",
     "write_report": "synthdistill.report",
     "load_teacher": "synthdistill.teacher",

@@ -365,9 +365,50 @@ class ExportConfig:
     atol: float = option(
         1e-4, "Largest allowed difference between exported and PyTorch outputs.", bounds="(0, inf)"
     )
-    bench: bool = option(True, "Measure CPU latency of student and teacher for the model card.")
+    precision: list[str] = option(
+        ["fp32"],
+        "ONNX forms to write: any of fp32 (model.onnx), fp16 (model.fp16.onnx, for GPU runtimes), "
+        "int8 (model.int8.onnx, static quantization calibrated on synthetic images).",
+        choices=("fp32", "fp16", "int8"),
+    )
+    min_agreement: float = option(
+        0.99,
+        "An fp16/int8 form is written only if its top-1 agreement with fp32 on held-out images reaches this.",
+        bounds="(0, 1]",
+    )
+    sample_images: str | None = option(
+        None,
+        "Images that calibrate int8 and check fp16/int8 (shard folder, image folder or glob); "
+        "default <out>/../shards, the run's synthetic images.",
+    )
+    calibration_images: int = option(128, "Images int8 quantization is calibrated on.", bounds="[1, inf)")
+    agreement_images: int = option(
+        500, "Held-out images (not calibration ones) each fp16/int8 form is checked on.", bounds="[1, inf)"
+    )
+    bench: bool = option(True, "Measure ONNX Runtime latency of the student and the teacher's image tower.")
+    bench_seconds: float = option(
+        2.0,
+        "Time budget per latency measurement (model, precision, batch size).",
+        hashed=False,
+        bounds="(0, inf)",
+    )
     bench_repeats: int = option(
-        5, "Timed runs per latency measurement (the median is reported).", hashed=False, bounds="[1, inf)"
+        5,
+        "At least this many timed runs per latency measurement (the median is reported).",
+        hashed=False,
+        bounds="[1, inf)",
+    )
+    bench_threads: int | None = option(
+        None,
+        "ONNX Runtime intra-op threads for latency; default: every CPU this process may use.",
+        hashed=False,
+        bounds="[1, inf)",
+    )
+    cache_dir: str | None = option(
+        None,
+        "Folder caching zero-shot heads and the teacher image tower's ONNX; "
+        "default <out>/../eval/zero_shot_heads (evaluate's head cache in a run).",
+        hashed=False,
     )
 
 

@@ -315,6 +315,12 @@ def zero_shot_head_identity(
     )
 
 
+def teacher_tower_identity(teacher: str, teacher_pretrained: str | None, opset: int) -> str:
+    """The teacher's image tower as ONNX (export times it beside the student): the architecture, its
+    weights by content and the opset it is written in."""
+    return digest(IDENTITY_VERSION, "teacher_tower", teacher, weights_identity(teacher_pretrained), opset)
+
+
 def evaluation_identity(
     student: str, config: EvaluateConfig, domain: Domain, image_folder: str | None
 ) -> str:

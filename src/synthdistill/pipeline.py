@@ -116,7 +116,7 @@ def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[st
         )
 
     def export():
-        from synthdistill.export import export_student
+        from synthdistill.deploy.export import export_student
 
         results = run.eval / "results.json"
         return export_student(

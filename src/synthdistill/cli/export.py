@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Export a student folder with the teacher's zero-shot head for the chosen classes as one "
             "deployable classifier; every file is verified against PyTorch, and MODEL_CARD.md records "
-            "parameters, FLOPs and CPU latency next to the teacher."
+            "parameters, FLOPs and ONNX Runtime latency next to the teacher's image tower."
         ),
     )
     parser.add_argument("--student", metavar="DIR", help="Student folder; default: <run directory>/student.")
@@ -30,11 +30,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--opset", type=int, help="ONNX opset, 18 or more (recipe key: export.opset).")
     parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "fp16", "int8"),
+        help="ONNX forms to write (recipe key: export.precision; default fp32); fp16 and int8 are kept "
+        "only if they agree with fp32 on export.min_agreement of held-out synthetic images.",
+    )
+    parser.add_argument(
         "--no-bench",
         dest="bench",
         action="store_false",
         default=None,
-        help="Skip the CPU latency benchmark in the model card (recipe key: export.bench).",
+        help="Skip the ONNX Runtime latency measurement in the model card (recipe key: export.bench).",
     )
     parser.add_argument(
         "--eval-results",
@@ -49,11 +56,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def export_command(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from synthdistill.export import export_student
+    from synthdistill.deploy.export import export_student
     from synthdistill.rundir import RunDir
 
     recipe = recipe_from_args(
-        args, {"formats": "export.formats", "opset": "export.opset", "bench": "export.bench"}
+        args,
+        {
+            "formats": "export.formats",
+            "opset": "export.opset",
+            "precision": "export.precision",
+            "bench": "export.bench",
+        },
     )
     run = RunDir(recipe.run_path)
     eval_results = Path(args.eval_results) if args.eval_results else run.eval / "results.json"
@@ -74,8 +87,17 @@ def export_command(args: argparse.Namespace) -> None:
         f"{summary.student_flops / 1e9:.3g} GFLOPs/image; teacher image encoder "
         f"{summary.teacher_parameters:,}, {summary.teacher_flops / 1e9:.3g} GFLOPs/image"
     )
+    for form in summary.forms:
+        if form.written:
+            print(
+                f"{form.precision}: top-1 agreement with fp32 {form.agreement:.1%} "
+                f"on {form.held_out_images} held-out images"
+            )
+        else:
+            print(form.refusal())
     for row in summary.latency:
         print(
-            f"{row.model} batch {row.batch_size}: {row.milliseconds:.2f} ms "
+            f"{row.model} {row.precision} {row.provider} batch {row.batch_size}: {row.milliseconds:.2f} ms "
+            f"[IQR {row.timing.q1_ms:.2f}-{row.timing.q3_ms:.2f}, {row.timing.runs} runs] "
             f"({row.images_per_second:.1f} images/s)"
         )

@@ -17,9 +17,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", metavar="FILE", help="An exported model.onnx (runs on onnxruntime).")
     model.add_argument(
-        "--student", metavar="DIR", help="A student folder (runs on PyTorch; needs --dataset or --classes)."
+        "--model",
+        metavar="FILE",
+        help="An exported model.onnx, model.fp16.onnx or model.int8.onnx (runs on onnxruntime).",
+    )
+    model.add_argument(
+        "--student",
+        metavar="DIR",
+        help="A student folder (runs on PyTorch); classes from --labels, --dataset or --classes.",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="With --student: the labels.json of its export, so it classifies exactly as the exported "
+        "model (default: <run directory>/export/labels.json beside the student folder).",
     )
     parser.add_argument("images", nargs="+", help="Image files, folders or glob patterns ('photos/*.jpg').")
     parser.add_argument("--top-k", type=int, default=5, help="Classes shown per image (default 5).")
@@ -38,7 +50,8 @@ def predict_command(args: argparse.Namespace) -> None:
     import sys
     from pathlib import Path
 
-    from synthdistill.predict import predict
+    from synthdistill.deploy.predict import predict
+    from synthdistill.errors import SynthdistillError
     from synthdistill.registry import resolve_domain
 
     domain = None
@@ -50,14 +63,16 @@ def predict_command(args: argparse.Namespace) -> None:
         print(f"skipped '{path}': it {reason}", file=sys.stderr)
         skipped.append({"path": str(path), "skipped": f"it {reason}"})
 
-    predictions = predict(
-        Path(args.model or args.student),
-        args.images,
-        domain=domain,
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-        on_skip=on_skip,
-    )
+    options = {"domain": domain, "top_k": args.top_k, "batch_size": args.batch_size, "on_skip": on_skip}
+    if args.model:
+        if args.labels:
+            raise SynthdistillError("--labels goes with --student; an ONNX model carries its own classes.")
+        predictions = predict(Path(args.model), args.images, **options)
+    else:
+        from synthdistill.deploy.zero_shot import predict_student
+
+        labels = Path(args.labels) if args.labels else None
+        predictions = predict_student(Path(args.student), args.images, labels=labels, **options)
     if args.json:  # every file named, the skipped ones with the reason
         rows = [p.to_dict() for p in predictions] + skipped
         print(json.dumps(rows, indent=2, ensure_ascii=False))

@@ -1,8 +1,11 @@
-"""Stage 5, predict: classify image files with an exported ONNX model or a student folder.
+"""Stage 5, predict: classify image files with an exported ONNX model, without PyTorch.
 
-The ONNX path needs onnxruntime, Pillow and numpy only (no PyTorch at inference), so the same code
-shows how to deploy the exported model. Images are prepared exactly as the student saw them in
-evaluation (resize, centre crop, RGB in [0, 1]); normalisation happens inside the model.
+Everything a deployment needs and nothing more: the model's metadata (``ModelInfo``, also in
+``labels.json``), the file names of an export, image loading and prediction with onnxruntime,
+Pillow and numpy only; this module imports neither torch nor timm, so the same code shows how to
+deploy the exported model. Images are prepared exactly as the student saw them in evaluation
+(resize, centre crop, RGB in [0, 1]); normalisation happens inside the model. The PyTorch path
+(``predict --student``) lives in :mod:`synthdistill.deploy.zero_shot` and reuses the loop here.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT_VERSION = 1
 LABELS_NAME = "labels.json"
 ONNX_NAME = "model.onnx"
+PRECISIONS = ("fp32", "fp16", "int8")
 LOGIT_SCALE = 100.0
 _INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -62,6 +66,9 @@ class ModelInfo:
     teacher: str = ""
     student: str = ""
     embed_dim: int = 0
+    templates: tuple[str, ...] = ()
+    superclass: str = ""
+    precision: str = "fp32"
     synthdistill_version: str = __version__
     format_version: int = EXPORT_FORMAT_VERSION
 
@@ -71,6 +78,9 @@ class ModelInfo:
             "synthdistill_version": self.synthdistill_version,
             "domain": self.domain,
             "classnames": list(self.classnames),
+            "templates": list(self.templates),
+            "superclass": self.superclass,
+            "precision": self.precision,
             "preprocessing": {
                 "image_size": self.image_size,
                 "resize_mode": self.resize_mode,
@@ -118,6 +128,9 @@ class ModelInfo:
             teacher=data.get("teacher", ""),
             student=data.get("student", ""),
             embed_dim=int(data.get("embed_dim", 0)),
+            templates=tuple(data.get("templates", ())),
+            superclass=data.get("superclass", ""),
+            precision=data.get("precision", "fp32"),
             synthdistill_version=data.get("synthdistill_version", "unknown"),
             format_version=int(version),
         )
@@ -184,16 +197,20 @@ def collect_images(items: list[str]) -> list[Path]:
     return unique
 
 
-def load_image(path: str | Path, info: ModelInfo) -> np.ndarray:
-    """An image file -> (3, S, S) float32 RGB in [0, 1], resized and cropped as open_clip's eval transform.
+def onnx_name(precision: str) -> str:
+    """The export's file name of each form: model.onnx (fp32), model.fp16.onnx, model.int8.onnx."""
+    return ONNX_NAME if precision == "fp32" else f"model.{precision}.onnx"
+
+
+def prepare_image(image: Image.Image, info: ModelInfo) -> np.ndarray:
+    """A PIL image -> (3, S, S) float32 RGB in [0, 1], resized and cropped as open_clip's eval transform.
 
     'shortest': shortest side to S then centre crop; 'longest': longest side to S then centre pad
-    (black); 'squash': straight to S x S. Raises OSError / UnidentifiedImageError for unreadable files.
+    (black); 'squash': straight to S x S.
     """
     size = info.image_size
     resample = _INTERPOLATIONS.get(info.interpolation, Image.Resampling.BICUBIC)
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
+    image = image.convert("RGB")
     width, height = image.size
     if info.resize_mode == "squash":
         image = image.resize((size, size), resample)
@@ -211,6 +228,12 @@ def load_image(path: str | Path, info: ModelInfo) -> np.ndarray:
     return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
+def load_image(path: str | Path, info: ModelInfo) -> np.ndarray:
+    """An image file -> :func:`prepare_image`; OSError / UnidentifiedImageError for unreadable files."""
+    with Image.open(path) as opened:
+        return prepare_image(opened, info)
+
+
 def _center_crop_or_pad(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
     if width < size or height < size:
@@ -221,13 +244,32 @@ def _center_crop_or_pad(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def read_labels(path: str | Path) -> ModelInfo:
+    """An export's labels.json (the ModelInfo of its models), or one sentence on what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise SynthdistillError(f"'{path}' does not exist; pass the labels.json of an export.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise SynthdistillError(f"'{path}' is not valid JSON; export the model again.") from None
+    if not isinstance(data, dict):
+        raise SynthdistillError(f"'{path}' is not a synthdistill labels.json; export the model again.")
+    try:
+        return ModelInfo.from_json(data, str(path))
+    except (KeyError, TypeError, ValueError):
+        raise SynthdistillError(
+            f"'{path}' has damaged synthdistill metadata; export the model again."
+        ) from None
+
+
 def _info_from_props(props: dict[str, str], model_path: Path) -> ModelInfo:
     """The ModelInfo of an ONNX file: its metadata, else labels.json beside it."""
     if "synthdistill_format_version" in props:
         return ModelInfo.from_metadata(props, str(model_path))
     labels = model_path.parent / LABELS_NAME
     if labels.is_file():
-        return ModelInfo.from_json(json.loads(labels.read_text(encoding="utf-8")), str(labels))
+        return read_labels(labels)
     return ModelInfo.from_json({}, str(model_path))
 
 
@@ -247,27 +289,6 @@ def _onnx_runner(model_path: Path) -> tuple[ModelInfo, Callable[[np.ndarray], np
 
     def run(images: np.ndarray) -> np.ndarray:
         return session.run(["logits"], {input_name: images})[0]
-
-    return info, run
-
-
-def _student_runner(
-    student_dir: Path, domain: Domain | None
-) -> tuple[ModelInfo, Callable[[np.ndarray], np.ndarray]]:
-    import torch
-
-    from synthdistill.export import build_classifier
-
-    if domain is None:
-        raise SynthdistillError(
-            f"Predicting with the student folder '{student_dir}' needs the classes: "
-            "pass --dataset or --classes."
-        )
-    classifier, _, info = build_classifier(student_dir, domain)
-
-    def run(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return classifier(torch.from_numpy(images))[0].numpy()
 
     return info, run
 
@@ -304,48 +325,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def predict(
-    model_path: Path,
+def classify_files(
+    run: Callable[[np.ndarray], np.ndarray],
+    info: ModelInfo,
     images: list[str],
     *,
-    domain: Domain | None = None,
     top_k: int = 5,
     batch_size: int = 32,
     on_skip: Callable[[Path, str], None] | None = None,
 ) -> list[Prediction]:
-    """Classify images (files, folders, globs) with an exported ``.onnx`` file (or the export folder
-    holding ``model.onnx``) or a student folder.
+    """Top-k of every readable image with ``run``: (B, 3, S, S) in [0, 1] -> (B, C) logits.
 
-    ONNX: class names come from the model's metadata; ``domain`` may rename them (same count only).
-    Student folder: ``domain`` is required; its zero-shot head is built with the student's teacher.
     Unreadable files are skipped and reported at the end, to ``on_skip(path, reason)`` or else as
-    warnings of the logger ``synthdistill.predict``; the rest are classified. Returns one
-    Prediction per readable image, in input order.
+    warnings of this module's logger; the rest are classified, in input order.
     """
     from tqdm import tqdm
 
-    model_path = Path(model_path)
-    if model_path.is_dir() and (model_path / ONNX_NAME).is_file():
-        model_path = model_path / ONNX_NAME  # an export folder
     if top_k < 1 or batch_size < 1:
         raise SynthdistillError("--top-k and --batch-size must be at least 1.")
-    if model_path.is_dir():
-        info, run = _student_runner(model_path, domain)
-    elif model_path.is_file() and model_path.suffix == ".onnx":
-        info, run = _onnx_runner(model_path)
-        if domain is not None:
-            if domain.num_classes != len(info.classnames):
-                raise SynthdistillError(
-                    f"The class list has {domain.num_classes} classes but '{model_path}' was exported "
-                    f"with {len(info.classnames)}; pass a list of the same classes, or none to use "
-                    "the model's."
-                )
-            info = dataclasses.replace(info, classnames=domain.classnames)
-    else:
-        raise SynthdistillError(
-            f"'{model_path}' is neither an exported .onnx file nor a student folder "
-            "(model.safetensors + config.json)."
-        )
     paths = collect_images(images)
     predictions: list[Prediction] = []
     k = min(top_k, len(info.classnames))
@@ -375,3 +372,43 @@ def predict(
         else:
             on_skip(path, reason)
     return predictions
+
+
+def predict(
+    model_path: Path,
+    images: list[str],
+    *,
+    domain: Domain | None = None,
+    top_k: int = 5,
+    batch_size: int = 32,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> list[Prediction]:
+    """Classify images (files, folders, globs) with an exported ``.onnx`` file of any precision
+    (fp32, fp16, int8), or the export folder holding ``model.onnx``.
+
+    Class names come from the model's metadata; ``domain`` may rename them (same count only).
+    A student folder is PyTorch's: :func:`synthdistill.deploy.zero_shot.predict_student`.
+    Returns one Prediction per readable image, in input order (see :func:`classify_files`).
+    """
+    model_path = Path(model_path)
+    if model_path.is_dir() and (model_path / ONNX_NAME).is_file():
+        model_path = model_path / ONNX_NAME  # an export folder
+    if model_path.is_dir() and (model_path / "config.json").is_file():
+        raise SynthdistillError(
+            f"'{model_path}' is a student folder, which runs on PyTorch: use `predict --student` "
+            "(synthdistill.deploy.zero_shot.predict_student)."
+        )
+    if not (model_path.is_file() and model_path.suffix == ".onnx"):
+        raise SynthdistillError(
+            f"'{model_path}' is neither an exported .onnx file nor an export folder holding {ONNX_NAME}."
+        )
+    info, run = _onnx_runner(model_path)
+    if domain is not None:
+        if domain.num_classes != len(info.classnames):
+            raise SynthdistillError(
+                f"The class list has {domain.num_classes} classes but '{model_path}' was exported "
+                f"with {len(info.classnames)}; pass a list of the same classes, or none to use "
+                "the model's."
+            )
+        info = dataclasses.replace(info, classnames=domain.classnames)
+    return classify_files(run, info, images, top_k=top_k, batch_size=batch_size, on_skip=on_skip)
