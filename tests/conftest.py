@@ -48,7 +48,7 @@ def tiny_export(tmp_path_factory):
 
     from synthdistill.config import ExportConfig
     from synthdistill.deploy.export import export_student
-    from synthdistill.evaluate import Entry, EvaluationResults, write_results
+    from synthdistill.evaluate.results import Entry, EvaluationResults, write_results
     from synthdistill.registry import domain_from_classes
     from synthdistill.student import create_student, save_student
     from synthdistill.teacher import load_teacher

@@ -200,7 +200,9 @@ def test_run_stopped_on_one_process_resumes_on_two(tmp_path, web):
     (checkpoint,) = (tmp_path / "checkpoints").iterdir()
     finished = set(torch.load(checkpoint / "state.pt", weights_only=True)["data"]["finished"]["0"])
     assert finished - {SHARDS}
-    torchrun_distill(web, out, "--workers", "0", "--set", "distill.cache_views=2")  # as tiny_config
+    torchrun_distill(
+        web, out, "--workers", "0", "--set", "distill.cache_views=2", "--set", "distill.shuffle_buffer=8"
+    )
     assert [line["world_size"] for line in read_log(out) if line.get("event") == "start"] == [1, 2]
     rest, full = epoch_ends(out)
     assert (rest["samples"], full["samples"]) == (GOOD - good_in(finished), GOOD)

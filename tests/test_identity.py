@@ -18,7 +18,10 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 SPEED_ONLY = {
     "prompts": set(),
     "generate": {"batch_size", "compile"},
-    "distill": {"compile", "workers", "checkpoint_every", "log_every", "input"},
+    "distill": {
+        *("compile", "workers", "checkpoint_every", "log_every", "input"),
+        *("validate_every", "validate_protocol", "keep_checkpoints"),  # the student is the same
+    },
     "evaluate": {"batch_size", "workers", "download", "precision", "head_cache"},
     "export": {"bench_repeats", "bench_seconds", "bench_threads", "cache_dir"},
 }

@@ -30,9 +30,11 @@ NOT_RUN = {  # a README command (its start) -> why no test runs it (each is stil
     "synthdistill evaluate --student runs/pets/student --datasets pets": "the real Pets test set",
     "synthdistill evaluate --teacher-only --teacher ViT-B-32": "the real Pets test set and ViT-B/32",
     "synthdistill evaluate --student runs/x/student --image-folder ~/mydata/test": "the user's own photos",
-    "synthdistill export -c configs/pets.yaml --precision fp32 int8": "a tiny random student's int8 form "
-    "falls below export.min_agreement, so no model.int8.onnx is written",
+    "synthdistill export -c configs/pets.yaml --precision": "int8 calibrates on the Pets run's own shards",
     "synthdistill predict --model runs/pets/export/model.int8.onnx": "needs that int8 form",
+    "synthdistill run configs/datacomp_medium.yaml": "DataComp medium and the ViT-B/32 teacher",
+    "synthdistill run configs/food101.yaml": "the paper's recipe: Llama-2, SDXL and ViT-B/32 weights, a GPU",
+    "synthdistill prompts --dataset pets --generator paper --llm /path": "local Llama-2 weights",
 }
 LISTING = "synthdistill prompts | generate | distill"  # names the subcommands; not a command
 

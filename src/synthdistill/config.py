@@ -319,6 +319,35 @@ class DistillConfig:
         "Start the student (backbone and head) from a student folder (runs/<name>/student) or a "
         "checkpoint folder (runs/<name>/checkpoints/step-N); null: random or student_pretrained.",
     )
+    # validation during training, checkpoints kept, numerics and head of the paper's recipes
+    validate_every: int | None = option(
+        None,
+        "Zero-shot top-1 of the student on the real test sets (evaluate.datasets, else the recipe's "
+        "dataset) every N epochs and after the last; null: off. Logged as 'validation' records.",
+        hashed=False,
+        bounds="[1, inf)",
+    )
+    validate_protocol: str = option(
+        "paper",
+        "Protocol of the validation: paper (one template, shared crop, fp32, top-1: the authors') or "
+        "clip_benchmark.",
+        hashed=False,
+        choices=("paper", "clip_benchmark"),
+    )
+    keep_checkpoints: str = option(
+        "last",
+        "last: only the newest checkpoint; all: also every epoch's end checkpoint, in checkpoints/epoch-E "
+        "(the authors keep them all).",
+        hashed=False,
+        choices=("last", "all"),
+    )
+    tf32: bool = option(
+        True, "On CUDA: TF32 matmuls and convolutions in fp32 (the authors'); false: full fp32 matmuls."
+    )
+    head_bias: bool = option(
+        False,
+        "A bias in the head's last linear layer (the authors'); false: open_clip's timm-tower layout.",
+    )
 
 
 @dataclass
@@ -618,6 +647,11 @@ def validate(recipe: RecipeConfig) -> None:
         raise ConfigError(
             "distill.init and distill.student_pretrained both choose the student's start weights; "
             "set distill.student_pretrained=false to start from distill.init, or distill.init=null."
+        )
+    if distill.validate_every is not None and not (recipe.evaluate.datasets or recipe.classes_file is None):
+        raise ConfigError(
+            "distill.validate_every validates on registry test sets, and a recipe with its own classes_file "
+            "has none: name them in evaluate.datasets or set distill.validate_every=null."
         )
     if distill.resampled and not (distill.train_data and distill.train_num_samples):
         raise ConfigError(

@@ -93,7 +93,12 @@ def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[st
 
     def distill():
         from synthdistill.train import distill_student
+        from synthdistill.train.validate import validation_data
 
+        evaluate = recipe.evaluate
+        validation = validation_data(
+            evaluate.datasets, domain, evaluate.data_root, evaluate.batch_size, evaluate.workers
+        )
         return distill_student(
             run.shards,
             run.student,
@@ -103,6 +108,7 @@ def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[st
             device=recipe.device,
             checkpoint_dir=run.checkpoints,
             cache_dir=run.teacher_cache,
+            validation=validation,
         )
 
     def evaluate():
@@ -210,6 +216,10 @@ def run_pipeline(
     domain = resolve_domain(recipe.dataset, recipe.classes_file, recipe.superclass)
     run = RunDir(recipe.run_path)
     selected = _stage_range(start_from, until)
+    if "distill" in selected:
+        from synthdistill.train.validate import check_init_exists
+
+        check_init_exists(recipe.distill.init)  # before any work: the chain's first stage is missing
     device = resolve_device(recipe.device, env)
     # rank 0 alone decides and records; the others would hash local weights for nothing
     identities = stage_identities(recipe, domain, device.type) if env.is_main else {}

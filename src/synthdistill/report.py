@@ -314,7 +314,9 @@ def _training_section(run: RunDir, assets: Path) -> list[Block]:
     log = run.student / "train_log.jsonl"
     if not log.is_file():
         return []
-    rows = [r for r in _read_jsonl(log) if "step" in r and "loss" in r]
+    records = _read_jsonl(log)
+    rows = [r for r in records if "step" in r and "loss" in r]
+    validation = [r for r in records if r.get("event") == "validation"]
     if not rows:
         return []
     import matplotlib
@@ -326,11 +328,21 @@ def _training_section(run: RunDir, assets: Path) -> list[Block]:
     series = [("loss", "training loss")]
     if "cosine" in rows[0]:
         series.append(("cosine", "student-teacher cosine"))
-    figure, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.2), squeeze=False)
-    for axis, (key, title) in zip(axes[0], series, strict=True):
+    panels = len(series) + bool(validation)
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.2), squeeze=False)
+    for axis, (key, title) in zip(axes[0], series, strict=False):
         axis.plot(steps, [r[key] for r in rows])
         axis.set_xlabel("step")
         axis.set_title(title)
+        axis.grid(alpha=0.3)
+    if validation:  # zero-shot top-1 on the real test sets, at the steps that ended the epochs
+        axis = axes[0][-1]
+        for dataset in dict.fromkeys(r["dataset"] for r in validation):
+            points = [r for r in validation if r["dataset"] == dataset]
+            axis.plot([r["step"] for r in points], [r["top1"] for r in points], marker="o", label=dataset)
+        axis.set_xlabel("step")
+        axis.set_title(f"validation top-1 ({validation[0]['protocol']} protocol)")
+        axis.legend()
         axis.grid(alpha=0.3)
     figure.tight_layout()
     out = assets / "training.png"
@@ -341,6 +353,14 @@ def _training_section(run: RunDir, assets: Path) -> list[Block]:
     text = f"{len(rows)} log points; last step {last['step']}: loss {_fmt(last['loss'])}"
     if "cosine" in last:
         text += f", student-teacher cosine {_fmt(last['cosine'])}"
+    summary = run.manifest().get("stages", {}).get("distill", {}).get("summary", {})
+    if validation and summary.get("best_epoch") is not None:  # chosen by the distill stage
+        names = ", ".join(dict.fromkeys(r["dataset"] for r in validation))
+        kept = f", kept as {summary['best_checkpoint']}" if summary.get("best_checkpoint") else ""
+        text += (
+            f"; best validation epoch {summary['best_epoch']}: zero-shot top-1 {_fmt(summary['best_top1'])} "
+            f"(mean over {names}, {validation[0]['protocol']} protocol{kept})"
+        )
     return [Heading("Training"), Picture(out, "training curves"), Paragraph(text + ".")]
 
 

@@ -38,6 +38,7 @@ class StudentConfig:
     embed_dim: int
     head: str = "linear"
     preprocessing: Preprocessing | None = None
+    head_bias: bool = False  # the head's last linear layer has a bias (the authors'; open_clip: none)
     teacher: str | None = None
     teacher_pretrained: str | None = None
     format_version: int = 1
@@ -215,10 +216,18 @@ class Student(nn.Module):
         self.trunk = create_trunk(config.timm_name, weights, image_size)
         width = self.trunk.num_features
         if config.head == "linear":
-            layers = OrderedDict(drop=nn.Dropout(0.0), proj=nn.Linear(width, config.embed_dim, bias=False))
+            layers = OrderedDict(
+                drop=nn.Dropout(0.0), proj=nn.Linear(width, config.embed_dim, bias=config.head_bias)
+            )
         elif config.head == "mlp":
             layers = OrderedDict(
-                mlp=Mlp(width, 2 * config.embed_dim, config.embed_dim, drop=(0.0, 0.0), bias=(True, False))
+                mlp=Mlp(
+                    width,
+                    2 * config.embed_dim,
+                    config.embed_dim,
+                    drop=(0.0, 0.0),
+                    bias=(True, config.head_bias),
+                )
             )
         else:
             raise SynthdistillError(f"Unknown head '{config.head}'; use 'linear' or 'mlp'.")
@@ -259,6 +268,7 @@ def student_config(
     image_size: int | None = None,
     teacher: str | None = None,
     teacher_pretrained: str | None = None,
+    head_bias: bool = False,
 ) -> StudentConfig:
     """What :func:`create_student` builds, without building it.
 
@@ -278,6 +288,7 @@ def student_config(
         preprocessing=dataclasses.replace(base, image_size=image_size),
         teacher=teacher,
         teacher_pretrained=teacher_pretrained,
+        head_bias=head_bias,
     )
 
 
@@ -288,6 +299,7 @@ def check_student(
     pretrained: bool | str = False,
     image_size: int | None = None,
     init: str | Path | None = None,
+    head_bias: bool = False,
 ) -> None:
     """Every student setting checked before any model loads (no weights read, no download): the
     timm name, the pretrained tag or file, the input size, and that ``init`` fits the student
@@ -300,7 +312,8 @@ def check_student(
         found = find_init_weights(init)
         if embed_dim is not None:
             with torch.device("meta"):
-                shapes = Student(student_config(name, embed_dim, head, image_size=image_size)).state_dict()
+                config = student_config(name, embed_dim, head, image_size=image_size, head_bias=head_bias)
+                shapes = Student(config).state_dict()
             check_init_fits(found, {k: tuple(v.shape) for k, v in shapes.items()}, timm_name, embed_dim, head)
 
 
@@ -313,10 +326,14 @@ def create_student(
     image_size: int | None = None,
     teacher: str | None = None,
     teacher_pretrained: str | None = None,
+    head_bias: bool = False,
 ) -> Student:
     """Build a student from a timm name (or 'tiny'): random, or with ``pretrained`` timm weights
-    (True, a tag of its architecture, or a local file)."""
-    config = student_config(name, embed_dim, head, preprocessing, image_size, teacher, teacher_pretrained)
+    (True, a tag of its architecture, or a local file); ``head_bias`` puts a bias in the head's last
+    linear layer (the authors' student; open_clip's timm tower holds it as ``timm_proj_bias``)."""
+    config = student_config(
+        name, embed_dim, head, preprocessing, image_size, teacher, teacher_pretrained, head_bias
+    )
     weights = resolve_timm_weights(config.timm_name, pretrained)
     if image_size is not None and image_size != default_image_size(config.timm_name):
         check_image_size(name, config.timm_name, image_size)

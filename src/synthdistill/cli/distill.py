@@ -101,6 +101,7 @@ def checkpoints_for(out: Path | None, run: RunDir) -> Path:
 def distill_command(args: argparse.Namespace) -> None:
     from synthdistill.runtime import dist_env
     from synthdistill.train import distill_student
+    from synthdistill.train.validate import validation_data
 
     recipe = recipe_from_args(args, FLAGS)
     run = RunDir(recipe.run_path)
@@ -109,16 +110,22 @@ def distill_command(args: argparse.Namespace) -> None:
             "Both --shards and distill.train_data name the training data; give one (with a recipe that "
             "sets train_data, add --set distill.train_data=null to train on --shards)."
         )
+    domain = domain_of(recipe)
+    evaluate = recipe.evaluate
+    validation = validation_data(
+        evaluate.datasets, domain, evaluate.data_root, evaluate.batch_size, evaluate.workers
+    )
     summary = distill_student(
         None if recipe.distill.train_data else args.shards or run.shards,
         args.out or run.student,
         recipe.distill,
-        domain=domain_of(recipe),
+        domain=domain,
         seed=recipe.seed,
         device=recipe.device,
         checkpoint_dir=args.checkpoints or checkpoints_for(args.out, run),
         cache_dir=args.cache,
         resume=args.resume,
+        validation=validation,
     )
     if dist_env().is_main:
         details = [f"{summary.steps} steps"]
@@ -131,4 +138,7 @@ def distill_command(args: argparse.Namespace) -> None:
                 f"{summary.corrupt_samples} undecodable samples and {summary.failed_shards} unreadable "
                 "shards skipped over the epochs (see train_log.jsonl)"
             )
+        if summary.best_epoch is not None:
+            kept = f", {summary.best_checkpoint}" if summary.best_checkpoint else ""
+            details.append(f"best epoch {summary.best_epoch}: validation top-1 {summary.best_top1:.4f}{kept}")
         print(f"student: {summary.student_dir} ({', '.join(details)})")

@@ -332,6 +332,7 @@ def open_clip_model_config(student: Student, teacher: Teacher) -> dict:
         "timm_model_pretrained": False,
         "timm_pool": "avg",
         "timm_proj": config.head,
+        "timm_proj_bias": config.head_bias,
         "image_size": config.preprocessing.image_size,
     }
     return {**teacher_config, "embed_dim": config.embed_dim, "vision_cfg": vision_cfg}

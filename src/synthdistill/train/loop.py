@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,13 @@ from synthdistill.train.sources import (
     open_stream_data,
 )
 from synthdistill.train.teacher_cache import open_or_build_cache, shards_fingerprint
+from synthdistill.train.validate import (
+    EpochEnd,
+    ValidationData,
+    best_epoch,
+    check_init_exists,
+    read_validation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +89,9 @@ class DistillSummary:
     corrupt_samples: int = 0  # streamed data: samples skipped as undecodable (all ranks, epochs of this call)
     failed_shards: int = 0  # streamed data: shards that could not be read (all ranks, epochs of this call)
     input: str | None = None  # how the images reached the device: decoded, workers or stream
+    best_epoch: int | None = None  # by validation top-1 (mean over the test sets), all calls of the run
+    best_top1: float | None = None
+    best_checkpoint: str | None = None  # checkpoints/epoch-E of the best epoch, when kept
 
     @property
     def completed(self) -> bool:
@@ -154,6 +165,7 @@ def build_student(config: DistillConfig, teacher: Teacher, seed: int) -> Student
             image_size=config.image_size,
             teacher=config.teacher,
             teacher_pretrained=config.teacher_pretrained,
+            head_bias=config.head_bias,
         )
 
 
@@ -164,10 +176,16 @@ def input_layout(student: nn.Module, device: torch.device) -> torch.memory_forma
 
 
 def train_steps(
-    data: TrainData, epochs: int, log: TrainLog, step: int, stop_step: int | None
+    data: TrainData,
+    epochs: int,
+    log: TrainLog,
+    step: int,
+    stop_step: int | None,
+    epoch_end: Callable[[int, int], None],
 ) -> Iterator[tuple[int, int, TrainStep]]:
     """(step number, epoch, batch) from where ``data`` stands to the end of ``epochs``, or up to step
-    ``stop_step``; logs the data counters of every epoch it finishes. Nothing is drawn past a stop."""
+    ``stop_step``; logs the data counters of every epoch it finishes, then calls ``epoch_end(epoch,
+    step)`` (validation, kept checkpoints) after its last step. Nothing is drawn past a stop."""
     if stop_step is not None and step >= stop_step:
         return
     for epoch in range(data.start_epoch, epochs):
@@ -177,6 +195,7 @@ def train_steps(
             if step == stop_step:
                 return
         log.epoch_end(epoch, step, data.epoch_stats())
+        epoch_end(epoch, step)
 
 
 def open_shard_data(
@@ -250,6 +269,7 @@ def distill_student(
     cache_dir: Path | None = None,
     stop_after_steps: int | None = None,
     resume: bool = True,
+    validation: ValidationData | None = None,
 ) -> DistillSummary:
     """Train a student to reproduce the teacher's image embeddings on the shards in ``shards_dir``,
     or, when ``config.train_data`` is set, on that streamed data (``shards_dir`` is then unused).
@@ -258,13 +278,17 @@ def distill_student(
     then ``config.json``) at the end. Checkpoints go to ``checkpoint_dir`` (default
     ``out_dir/../checkpoints``) and a run under the same settings resumes from the newest one
     unless ``resume=False``. ``stop_after_steps`` ends the call early after a checkpoint at that
-    step (a planned interruption). Under torchrun every rank calls this; only rank 0 writes.
+    step (a planned interruption). ``validation`` names the real test sets validated on with
+    ``config.validate_every``. Under torchrun every rank calls this; only rank 0 writes.
     """
+    check_init_exists(config.init)
     env = dist_env()
     device = resolve_device(device, env)
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "checkpoints"
     with process_group(env, device):
+        if device.type == "cuda":  # fp32 training in TF32 matmuls and convolutions, as the authors
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
         if config.batch_size % env.world_size:
             raise SynthdistillError(
                 f"distill.batch_size ({config.batch_size}) must be a multiple of the number of "
@@ -336,9 +360,38 @@ def distill_student(
             world_size=env.world_size,
             train_data=config.train_data,
             input=data.input,
+            teacher=f"cache of {cache.views} views" if cache else "live",
             resumed_from=str(latest) if latest else None,
         )
         logger.info("input pipeline: %s", data.input)
+
+        epoch_end = EpochEnd(
+            student=student,
+            teacher=teacher,
+            data=validation,
+            protocol=config.validate_protocol,
+            every=config.validate_every,
+            keep=config.keep_checkpoints,
+            epochs=config.epochs,
+            start_epoch=data.start_epoch,
+            checkpoint_dir=checkpoint_dir,
+            log_event=log.event,
+            env=env,
+            device=device,
+            log_path=out_dir / LOG_NAME,
+            step=step,
+            resumed_from=latest,
+            save=functools.partial(
+                save_checkpoint,
+                data=data,
+                log=log,
+                checkpoints=checkpoints,
+                distiller=distiller,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                env=env,
+            ),
+        )
 
         # The loop: one optimisation step per batch; the loss is checked at each log line.
         distiller.train()
@@ -346,7 +399,8 @@ def distill_student(
             print(f"resuming from step {step} of {total_steps} ({latest})", file=sys.stderr, flush=True)
         progress = progress_bar(total_steps, "distill", unit="step", initial=step, enabled=env.is_main)
         started, epoch = time.perf_counter(), data.start_epoch
-        for step, epoch, batch in train_steps(data, config.epochs, log, start_step, stop_after_steps):
+        steps = train_steps(data, config.epochs, log, start_step, stop_after_steps, epoch_end)
+        for step, epoch, batch in steps:
             with autocast(device, config.precision):
                 images = batch.images.contiguous(memory_format=layout)
                 batch_loss, student_features = model(images, batch.targets, batch.labels, batch.texts)
@@ -382,6 +436,7 @@ def distill_student(
             save_student(student, out_dir)  # config.json last: its presence means complete
         log.event(event="end" if finished else "stopped", step=step)
         log.close()
+        best = best_epoch(read_validation(out_dir / LOG_NAME), checkpoint_dir) if env.is_main else None
         barrier(env)
         return DistillSummary(
             student_dir=str(out_dir) if finished else None,
@@ -400,6 +455,9 @@ def distill_student(
             corrupt_samples=log.data_stats.corrupt,
             failed_shards=log.data_stats.shards_failed,
             input=data.input,
+            best_epoch=best.epoch if best else None,
+            best_top1=best.top1 if best else None,
+            best_checkpoint=best.checkpoint if best else None,
         )
 
 
@@ -427,8 +485,9 @@ def write_log_line(
 
 def save_checkpoint(
     step: int, data: TrainData, log: TrainLog, checkpoints: Checkpoints, distiller, optimizer, scheduler, env
-) -> None:
-    """Every rank reports the data position (a collective) and rank 0 writes."""
+) -> Path | None:
+    """Every rank reports the data position (a collective) and rank 0 writes (and returns the folder)."""
     position = {"data": data.state_dict(), "corrupt_keys": log.corrupt_keys}
     if env.is_main:
-        checkpoints.save(step, distiller, optimizer, scheduler, position)
+        return checkpoints.save(step, distiller, optimizer, scheduler, position)
+    return None
