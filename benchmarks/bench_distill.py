@@ -33,6 +33,7 @@ from synthdistill.config import DistillConfig
 from synthdistill.data.augment import Augmentation, augment
 from synthdistill.data.decoded import open_or_build_decoded
 from synthdistill.errors import SynthdistillError
+from synthdistill.identity import shards_folder_identity
 from synthdistill.losses import LossSettings, WeightedLoss
 from synthdistill.runtime import DistEnv, autocast, resolve_device
 from synthdistill.shards import ShardWriter, encode_sample, shard_name, write_index
@@ -41,7 +42,6 @@ from synthdistill.train import distill_student
 from synthdistill.train.loop import Distiller, build_student
 from synthdistill.train.optim import make_optimizer
 from synthdistill.train.sources import DecodedBatches, ShardViewSource, WorkerImages, open_shards
-from synthdistill.train.teacher_cache import shards_fingerprint
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets.
 BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
@@ -164,7 +164,7 @@ def main() -> None:
         samples = open_shards(shards)
         started = time.perf_counter()
         store = open_or_build_decoded(
-            root / "run" / "decoded", samples, shards_fingerprint(samples.shards), DistEnv()
+            root / "run" / "decoded", samples, shards_folder_identity(shards), DistEnv()
         )
         decode_seconds = time.perf_counter() - started
         store.to_device(device)

@@ -12,9 +12,9 @@ from PIL import Image
 
 from synthdistill.data.augment import Augmentation, ViewDataset, augment, collate_views, render_views
 from synthdistill.data.decoded import open_or_build_decoded
+from synthdistill.identity import shards_folder_identity
 from synthdistill.runtime import DistEnv
 from synthdistill.shards import ShardSamples, ShardWriter, encode_sample, list_shards, shard_name
-from synthdistill.train.teacher_cache import shards_fingerprint
 
 PAPER = Augmentation(seed=0, scale=(0.08, 1.0), ratio=(0.75, 1.3333333), interpolation="bilinear", hflip=0.5)
 
@@ -74,12 +74,12 @@ def test_a_view_is_the_same_tensor_from_the_decoded_store_and_from_the_workers(
 ):
     samples = ShardSamples(list_shards(mixed_shards))
     store = open_or_build_decoded(
-        tmp_path / "decoded", samples, shards_fingerprint(samples.shards), DistEnv()
+        tmp_path / "decoded", samples, shards_folder_identity(mixed_shards), DistEnv()
     )
     assert store.built and store.images.shape == (11, 64, 64, 3) and store.images.dtype == np.uint8
     assert store.sizes[1].tolist() == [64, 48] and store.sizes[10].tolist() == [0, 0]
     again = open_or_build_decoded(
-        tmp_path / "decoded", samples, shards_fingerprint(samples.shards), DistEnv()
+        tmp_path / "decoded", samples, shards_folder_identity(mixed_shards), DistEnv()
     )
     assert not again.built and not list((tmp_path / "decoded").glob(".*"))  # no temporary or lock left
 

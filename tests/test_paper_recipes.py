@@ -152,9 +152,9 @@ def test_a_head_with_bias_exports_to_onnx_and_open_clip(tmp_path):
     import onnxruntime as ort
     import open_clip
     import torch
-    from synthdistill.deploy.export import OPEN_CLIP_DIR, export_student
 
     from synthdistill.config import ExportConfig
+    from synthdistill.deploy.export import OPEN_CLIP_DIR, export_student
     from synthdistill.registry import domain_from_classes
 
     student, images, teacher = biased_student("linear", tmp_path / "student")

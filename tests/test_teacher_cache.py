@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from synthdistill.data.augment import Augmentation, ViewDataset, augment, collate_views, render_views
+from synthdistill.identity import shards_folder_identity
 from synthdistill.runtime import DistEnv
 from synthdistill.shards import ShardSamples, ShardWriter, list_shards, shard_name
 from synthdistill.train.sources import WorkerImages
-from synthdistill.train.teacher_cache import open_or_build_cache, shards_fingerprint, teacher_features
+from synthdistill.train.teacher_cache import open_or_build_cache, teacher_features
 
 
 def test_a_view_is_a_function_of_seed_sample_and_view():
@@ -58,7 +59,7 @@ def build(cache_dir, teacher, shards, augmentation, views=2):
         augmentation,
         views,
         "fp32",
-        shards_fingerprint(samples.shards),
+        shards_folder_identity(shards),
         env=DistEnv(),
         batch_size=5,
     )

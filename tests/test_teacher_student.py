@@ -1,12 +1,12 @@
-import hashlib
-
 import pytest
 import torch
 
 from synthdistill.errors import SynthdistillError
+from synthdistill.identity import weights_identity
 from synthdistill.student import (
     check_student,
     create_student,
+    init_identity,
     load_init_weights,
     load_student,
     parameter_groups,
@@ -99,7 +99,11 @@ def test_init_from_a_student_folder_gives_its_weights_bit_for_bit(tmp_path):
     assert not torch.equal(student.head.proj.weight, saved.head.proj.weight)
     identity = load_init_weights(student, tmp_path / "student")
     assert_same_weights(student, saved)  # backbone and head
-    assert identity == hashlib.sha256((tmp_path / "student" / "model.safetensors").read_bytes()).hexdigest()
+    assert identity == weights_identity(str(tmp_path / "student" / "model.safetensors"))
+    saved_tiny_student(tmp_path / "moved")  # the same weights elsewhere: the same start
+    assert init_identity(tmp_path / "moved") == identity
+    saved_tiny_student(tmp_path / "other", seed=4)
+    assert init_identity(tmp_path / "other") != identity
 
 
 def test_init_from_a_checkpoint_folder_takes_the_student_part(tmp_path):

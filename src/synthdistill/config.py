@@ -257,7 +257,11 @@ class DistillConfig:
     )
     warmup_steps: int = option(0, "Linear warm-up steps.", bounds="[0, inf)")
     grad_clip: float | None = option(1.0, "Gradient-norm clipping; null disables.", bounds="(0, inf)")
-    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.", choices=PRECISIONS)
+    precision: str = option(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or fp16 (autocast with a gradient scaler).",
+        choices=PRECISIONS,
+    )
     compile: bool = option(False, "torch.compile the student.", hashed=False)
     workers: int = option(4, "Data-loader worker processes per rank.", hashed=False, bounds="[0, inf)")
     aug_scale: list[float] = option(
@@ -348,6 +352,10 @@ class DistillConfig:
         False,
         "A bias in the head's last linear layer (the authors'); false: open_clip's timm-tower layout.",
     )
+    betas: list[float] = option(
+        [0.9, 0.999], "AdamW betas [beta1, beta2], each in [0, 1) (the paper: [0.9, 0.98]).", bounds="[0, 1)"
+    )
+    eps: float = option(1.0e-8, "AdamW epsilon (the paper: 1e-6).", bounds="(0, inf)")
 
 
 @dataclass
@@ -652,6 +660,10 @@ def validate(recipe: RecipeConfig) -> None:
         raise ConfigError(
             "distill.validate_every validates on registry test sets, and a recipe with its own classes_file "
             "has none: name them in evaluate.datasets or set distill.validate_every=null."
+        )
+    if len(distill.betas) != 2:
+        raise ConfigError(
+            f"'distill.betas' must be two numbers [beta1, beta2], each in [0, 1); got {distill.betas}."
         )
     if distill.resampled and not (distill.train_data and distill.train_num_samples):
         raise ConfigError(

@@ -238,11 +238,15 @@ def shards_folder_identity(folder: str | Path) -> str:
     return digest([(p.name, file_digest(p)) for p in list_shards(folder)])
 
 
-def student_identity(data: str, config: DistillConfig, seed: int, device_type: str) -> str:
+def student_identity(
+    data: str, config: DistillConfig, seed: int, device_type: str, init: str | None = None
+) -> str:
     """student/ (the trained weights): the training data's identity (the shards', or the
     ``train_data`` spec as written), the run seed (initialisation, views, order) and every distill
     setting except the speed-only ones (workers, compile, checkpoint and log intervals) and the
-    unread ones; the teacher's weights by content when local; precision resolved (auto: bf16)."""
+    unread ones; the teacher's weights by content when local; precision resolved (auto: bf16);
+    ``init``, the starting weights' identity (:func:`synthdistill.student.init_identity`), in place
+    of the ``distill.init`` path, so the same weights anywhere are the same start."""
     unread = [
         *(() if config.cache_teacher else CACHE_SETTINGS),
         *(() if config.train_data else STREAM_SETTINGS),
@@ -250,7 +254,15 @@ def student_identity(data: str, config: DistillConfig, seed: int, device_type: s
     settings = _settings(config, unread)
     settings["teacher_pretrained"] = weights_identity(config.teacher_pretrained)
     settings["precision"] = effective_precision(config.precision, device_type, on_gpu="bf16")
+    if config.init is not None:
+        settings["init"] = init if init is not None else weights_identity(config.init)
     return digest(IDENTITY_VERSION, "student", data, seed, settings)
+
+
+def decoded_store_identity(shards: str, store_format: str) -> str:
+    """decoded/images-KEY: the shards' identity (:func:`shards_folder_identity`) and the store's
+    format; nothing else changes its bytes (every image is stored at its own size, uint8)."""
+    return digest(IDENTITY_VERSION, "decoded_store", shards, store_format)
 
 
 def student_folder_identity(student_dir: str | Path) -> str:

@@ -51,7 +51,11 @@ def stage_identities(recipe: RecipeConfig, domain: Domain, device_type: str) -> 
     ids["prompts"] = identity.prompts_identity(domain, recipe.prompts, recipe.seed, device_type)
     ids["generate"] = identity.shards_identity(ids["prompts"], recipe.generate, device_type)
     data = recipe.distill.train_data or ids["generate"]
-    ids["distill"] = identity.student_identity(data, recipe.distill, recipe.seed, device_type)
+    from synthdistill.student import init_identity
+
+    init = recipe.distill.init  # a start that does not exist yet stops the distill stage, not this
+    init = init_identity(init) if init is not None and Path(init).exists() else init
+    ids["distill"] = identity.student_identity(data, recipe.distill, recipe.seed, device_type, init)
     own_shards = ids["generate"] if evaluates_own_shards(recipe, domain) else None
     ids["evaluate"] = identity.evaluation_identity(ids["distill"], recipe.evaluate, domain, own_shards)
     ids["export"] = identity.export_identity(ids["distill"], domain, recipe.export, ids["evaluate"])

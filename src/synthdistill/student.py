@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -446,18 +445,17 @@ def check_init_fits(
             )
 
 
-def file_sha256(path: str | Path) -> str:
-    """A file's content identity (hex sha256), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def init_identity(path: str | Path) -> str:
+    """``distill.init``'s identity for the stage and checkpoint identities: the content of the weights
+    file it resolves to (:func:`synthdistill.identity.weights_identity`), not its path."""
+    from synthdistill.identity import weights_identity
+
+    return weights_identity(str(find_init_weights(path).weights_file))
 
 
 def load_init_weights(student: Student, path: str | Path) -> str:
     """Copy ``distill.init``'s weights (backbone and head) into ``student``; returns their content
-    identity (sha256 of the weights file), for the stage identity.
+    identity (:func:`init_identity`), for the stage identity.
 
     Refuses, in one sentence naming both, weights of another architecture or embedding width.
     """
@@ -472,7 +470,7 @@ def load_init_weights(student: Student, path: str | Path) -> str:
     student.load_state_dict(
         {key[len(init.prefix) :]: v for key, v in state.items() if key.startswith(init.prefix)}
     )
-    return file_sha256(init.weights_file)
+    return init_identity(init.path)
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:

@@ -20,9 +20,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from synthdistill.config import config_hash
 from synthdistill.data.augment import Batch, pad_images
-from synthdistill.fileio import atomic_write_json, exclusive_lock, read_json, temporary_name
+from synthdistill.fileio import (
+    atomic_write_json,
+    disk_full_is_an_error,
+    exclusive_lock,
+    read_json,
+    remove_stale_temporaries,
+    temporary_name,
+)
+from synthdistill.identity import decoded_store_identity
 from synthdistill.progress import progress_iter
 from synthdistill.runtime import DistEnv, barrier, waiting_group
 from synthdistill.shards import ShardSamples, decode_image
@@ -89,16 +96,32 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
+def allocated_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new ``.npy`` memory map (:func:`numpy.lib.format.open_memmap`) whose disk space is reserved
+    at once: writes through a map happen at page faults, where a full disk kills the process
+    (SIGBUS) instead of raising; reserving raises ENOSPC here, before any row is written."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    return array
+
+
 def open_or_build_decoded(
     store_dir: Path, samples: ShardSamples, shards_id: str, env: DistEnv
 ) -> DecodedImages:
-    """The decoded store of ``samples`` (``shards_id`` names their content): reused, or built by rank 0."""
-    key = config_hash(STORE_FORMAT, shards_id)
+    """The decoded store of ``samples`` (``shards_id``, their :func:`~synthdistill.identity.
+    shards_folder_identity`, names their content): reused, or built by rank 0."""
+    key = decoded_store_identity(shards_id, STORE_FORMAT)
     path, meta_path = store_dir / f"images-{key}.npy", store_dir / f"images-{key}.json"
     built = False
     patient = waiting_group(env)  # the other ranks may wait long for a big store: no NCCL timeout
     if env.is_main and not meta_path.is_file():
         with exclusive_lock(store_dir / f".images-{key}.lock", "the decoded images", wait=True):
+            remove_stale_temporaries(store_dir, recursive=False)  # what a killed build left
             if not meta_path.is_file():  # another process may have built it while we waited
                 build_decoded(path, meta_path, samples)
                 built = True
@@ -124,24 +147,23 @@ def build_decoded(path: Path, meta_path: Path, samples: ShardSamples) -> None:
     tmp = temporary_name(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        images = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(count, max(height, 1), max(width, 1), 3)
-        )
-        labels, keys = [], []
-        for index in progress_iter(range(count), count, "decode images", unit="image"):
-            sample = samples[index]
-            labels.append(int(sample.meta.get("class_index", -1)))
-            keys.append(sample.key)
-            image = decode_image(sample.image) if sizes[index, 0] else None
-            if image is None:
-                sizes[index] = 0
-                continue
-            pixels = np.asarray(image)
-            sizes[index] = pixels.shape[:2]
-            images[index] = pad_images([pixels], height, width)[0]
-        images.flush()
-        del images
-        os.replace(tmp, path)
+        with disk_full_is_an_error(path.parent):
+            images = allocated_memmap(tmp, np.uint8, (count, max(height, 1), max(width, 1), 3))
+            labels, keys = [], []
+            for index in progress_iter(range(count), count, "decode images", unit="image"):
+                sample = samples[index]
+                labels.append(int(sample.meta.get("class_index", -1)))
+                keys.append(sample.key)
+                image = decode_image(sample.image) if sizes[index, 0] else None
+                if image is None:
+                    sizes[index] = 0
+                    continue
+                pixels = np.asarray(image)
+                sizes[index] = pixels.shape[:2]
+                images[index] = pad_images([pixels], height, width)[0]
+            images.flush()
+            del images
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_json(

@@ -1,36 +1,97 @@
-"""Checkpoints of a distillation run: weights, optimiser, schedule, data position and RNG state."""
+"""Checkpoints of a distillation run: weights, optimiser, schedule, gradient scaler, data position
+and every rank's RNG state."""
 
 from __future__ import annotations
 
+import io
 import logging
-import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+<<<<<<< HEAD
 from synthdistill.config import DistillConfig, config_hash, hashed_settings
 from synthdistill.errors import SynthdistillError, argument
 from synthdistill.fileio import temporary_name
+=======
+from synthdistill.errors import SynthdistillError
+from synthdistill.fileio import atomic_path, atomic_write_json
+from synthdistill.runtime import DistEnv
+from synthdistill.student import CHECKPOINT_WEIGHTS_NAME, CONFIG_NAME, Student
+>>>>>>> main
 
 logger = logging.getLogger(__name__)
 
+STATE_NAME = "state.pt"
 
-def run_hash(config: DistillConfig, seed: int, data_id: str) -> str:
-    """What a checkpoint must share with this call to be resumed: the settings that change training,
-    and the data (``TrainData.identity``)."""
-    return config_hash(hashed_settings(config), seed, data_id)
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random state: torch's CPU generator, the CUDA generator of ``device`` (when
+    training on one), numpy's and Python's. As plain values and tensors, so ``torch.load`` reads it
+    with ``weights_only=True``."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    state = {
+        "cpu": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "python": [version, list(python_state), gauss_next],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def seed_rng(seed: int) -> None:
+    """Seed every generator :func:`rng_state` saves (torch's, CUDA's, numpy's, Python's), so that a
+    fresh run's random state, and with it its checkpoints, is a function of the seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved, in this process."""
+    torch.set_rng_state(state["cpu"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    version, python_state, gauss_next = state["python"]
+    random.setstate((version, tuple(python_state), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(env: DistEnv, device: torch.device) -> list[dict]:
+    """Every rank's :func:`rng_state`, in rank order (a collective under DDP): stochastic depth draws
+    different masks on every rank, so an exact resume needs each rank's own generators back."""
+    own = rng_state(device)
+    if not env.is_distributed:
+        return [own]
+    gathered: list = [None] * env.world_size
+    torch.distributed.all_gather_object(gathered, own)
+    return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in gathered]
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """The one write of a checkpoint's files (Python's file API: a full disk raises ENOSPC here,
+    which :func:`~synthdistill.fileio.atomic_path` turns into one sentence)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
 
 
 class Checkpoints:
-    """``step-NNNNNNNN/`` folders (weights.safetensors + state.pt); the newest is the resume point.
+    """``step-NNNNNNNN/`` folders (weights.safetensors with the distiller's state, the student's
+    config.json, state.pt); the newest is the resume point.
 
-    A folder is written under a hidden name and renamed when complete; older ones are then removed.
+    A folder is written under a hidden name and renamed when complete (a full disk is one sentence
+    naming the folder, and leaves no partial folder); older ones are then removed.
     """
 
-    def __init__(self, directory: Path, run_hash: str):
-        self.directory, self.run_hash = Path(directory), run_hash
+    def __init__(self, directory: Path, identity: str):
+        self.directory, self.identity = Path(directory), identity
 
     def latest(self) -> Path | None:
         found = sorted(self.directory.glob("step-*")) if self.directory.is_dir() else []
@@ -40,59 +101,59 @@ class Checkpoints:
         for path in self.directory.glob("step-*") if self.directory.is_dir() else []:
             shutil.rmtree(path)
 
-    def save(self, step: int, distiller: nn.Module, optimizer, scheduler, state: dict) -> Path:
-        from safetensors.torch import save_file
+    def save(
+        self, step: int, distiller: nn.Module, optimizer, scheduler, scaler, rng: list[dict], state: dict
+    ) -> Path:
+        """Write ``step-N/``: the distiller's weights (the student's under ``student.``, so a step
+        folder is a ``distill.init``), the student's config, and the training state."""
+        from safetensors.torch import save
 
         final = self.directory / f"step-{step:08d}"
-        tmp = temporary_name(final)
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            weights = {k: v.detach().cpu().contiguous() for k, v in distiller.state_dict().items()}
-            save_file(weights, str(tmp / "weights.safetensors"))
-            rng = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save(
-                {
-                    **state,
-                    "step": step,
-                    "run_hash": self.run_hash,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng,
-                },
-                tmp / "state.pt",
-            )
-        except BaseException:  # an interrupted save leaves no hidden half checkpoint
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        weights = {k: v.detach().cpu().contiguous() for k, v in distiller.state_dict().items()}
+        training = io.BytesIO()
+        torch.save(
+            {
+                **state,
+                "step": step,
+                "identity": self.identity,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng,
+            },
+            training,
+        )
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            write_file(tmp / CHECKPOINT_WEIGHTS_NAME, save(weights, metadata={"format": "pt"}))
+            student = getattr(distiller, "student", None)
+            if isinstance(student, Student):
+                atomic_write_json(tmp / CONFIG_NAME, student.config.to_json())
+            write_file(tmp / STATE_NAME, training.getvalue())
+            if final.exists():
+                shutil.rmtree(final)
         logger.info("checkpoint %s", final)
         for older in self.directory.glob("step-*"):
             if older != final:
                 shutil.rmtree(older)
         return final
 
-    def load(self, path: Path, distiller: nn.Module, optimizer, scheduler, device: torch.device) -> dict:
-        """Restore weights, optimizer and scheduler; return the saved state (step, rng, ...)."""
+    def load(
+        self, path: Path, distiller: nn.Module, optimizer, scheduler, scaler, device: torch.device
+    ) -> dict:
+        """Restore weights, optimizer, scheduler and scaler; return the saved state (step, rng, ...)."""
         from safetensors.torch import load_file
 
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        if state["run_hash"] != self.run_hash:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+        if state.get("identity") != self.identity:
             raise SynthdistillError(
                 f"The checkpoint '{path}' was made under another config, other training data or (on the "
                 f"run's shards) another number of processes; delete '{path.parent}' (or rerun `distill` "
                 f"with {argument('--no-resume', 'resume=False')}) to start over, or choose another --out."
             )
-        distiller.load_state_dict(load_file(str(path / "weights.safetensors"), device=str(device)))
+        distiller.load_state_dict(load_file(str(path / CHECKPOINT_WEIGHTS_NAME), device=str(device)))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         return state
-
-
-def restore_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -17,17 +17,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from synthdistill import identity
 from synthdistill.config import DistillConfig
 from synthdistill.data.augment import Augmentation
 from synthdistill.data.decoded import open_or_build_decoded
 from synthdistill.errors import SynthdistillError
-from synthdistill.losses import LossSettings, WeightedLoss
+from synthdistill.fileio import remove_stale_temporaries
+from synthdistill.losses import BatchGroup, LossSettings, WeightedLoss
 from synthdistill.progress import progress_bar
 from synthdistill.registry import Domain
 from synthdistill.runtime import (
@@ -39,11 +41,18 @@ from synthdistill.runtime import (
     init_distributed,
     resolve_device,
 )
-from synthdistill.student import CONFIG_NAME, Student, create_student, save_student
-from synthdistill.teacher import Teacher, load_teacher
-from synthdistill.train.checkpoint import Checkpoints, restore_rng, run_hash
+from synthdistill.student import (
+    CONFIG_NAME,
+    Student,
+    check_student,
+    create_student,
+    load_init_weights,
+    save_student,
+)
+from synthdistill.teacher import Teacher, load_teacher, teacher_embed_dim
+from synthdistill.train.checkpoint import Checkpoints, gather_rng_states, seed_rng, set_rng_state
 from synthdistill.train.log import LOG_NAME, NonFinite, TrainLog
-from synthdistill.train.optim import lr_factor, make_optimizer
+from synthdistill.train.optim import lr_factor, make_grad_scaler, make_optimizer
 from synthdistill.train.sources import (
     DecodedBatches,
     ShardTrainData,
@@ -55,7 +64,7 @@ from synthdistill.train.sources import (
     open_shards,
     open_stream_data,
 )
-from synthdistill.train.teacher_cache import open_or_build_cache, shards_fingerprint
+from synthdistill.train.teacher_cache import open_or_build_cache
 from synthdistill.train.validate import (
     EpochEnd,
     ValidationData,
@@ -115,16 +124,18 @@ class Distiller(nn.Module):
         teacher_features: torch.Tensor,
         labels: torch.Tensor | None,
         texts: torch.Tensor | None = None,
+        text_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (scalar loss, (B, D) fp32 student features). The loss is computed in fp32.
 
         ``texts`` (C, D), the batch's caption embeddings, replace the class texts for vl/mpc;
-        ``labels`` index the texts of either kind.
+        ``labels`` index the texts of either kind; ``text_ids`` (B,) say which images share a
+        caption across ranks (see :func:`~synthdistill.losses.caption_ids`).
         """
         student_features = self.student.forward_features(images).float()
         with torch.autocast(images.device.type, enabled=False):
             class_text = self.class_text if texts is None else texts
-            loss = self.loss(student_features, teacher_features, labels, class_text)
+            loss = self.loss(student_features, teacher_features, labels, class_text, text_ids=text_ids)
         return loss, student_features
 
 
@@ -202,6 +213,7 @@ def open_shard_data(
     config: DistillConfig,
     samples,
     shards_dir: Path,
+    shards_id: str,
     cache_dir: Path | None,
     teacher: Teacher,
     student: Student,
@@ -211,8 +223,8 @@ def open_shard_data(
     device: torch.device,
 ) -> ShardTrainData:
     """The run's shards as training data: the images decoded once (or by workers), their replayable
-    views, and the teacher's features from the cache (built here when missing) or the live teacher."""
-    shards_id = shards_fingerprint(samples.shards)
+    views, and the teacher's features from the cache (built here when missing) or the live teacher.
+    ``shards_id`` is the shards' :func:`~synthdistill.identity.shards_folder_identity`."""
     if config.input == "workers":
         images = WorkerImages(samples, config.workers, pin_memory=device.type == "cuda")
     else:
@@ -294,13 +306,29 @@ def distill_student(
                 f"distill.batch_size ({config.batch_size}) must be a multiple of the number of "
                 f"processes ({env.world_size})."
             )
+        check_student(
+            config.student,
+            teacher_embed_dim(config.teacher),
+            config.head,
+            config.student_pretrained,
+            config.image_size,
+            config.init,
+        )
         samples = None if config.train_data else open_shards(shards_dir)
+        if env.is_main:  # what killed writers left, before anything is resumed or written
+            remove_stale_temporaries(checkpoint_dir)
+            remove_stale_temporaries(out_dir)
 
-        # Models: the frozen teacher, the student, the loss (vl/mpc on shards also need the class texts).
+        # Models: the frozen teacher, the student (seeded, then its starting weights), the loss
+        # (vl/mpc on shards also need the class texts).
         teacher = load_teacher(config.teacher, config.teacher_pretrained, device)
         student = build_student(config, teacher, seed)
+        init_id = load_init_weights(student, config.init) if config.init is not None else None
+        logit_scale = config.logit_scale if config.logit_scale is not None else teacher.logit_scale
         loss = WeightedLoss(
-            config.loss, LossSettings(config.fd_variant, teacher.logit_scale, config.learnable_temperature)
+            config.loss,
+            LossSettings(config.fd_variant, logit_scale, config.learnable_temperature),
+            BatchGroup(env.rank, env.world_size),
         )
         needs_class_text = samples is not None and loss.needs_text
         class_text = class_text_embeddings(teacher, domain, samples) if needs_class_text else None
@@ -313,21 +341,38 @@ def distill_student(
         cache_started = time.perf_counter()
         if config.train_data:
             data: TrainData = open_stream_data(config, teacher, student, loss.needs_text, seed, env, device)
+            data_identity = config.train_data
         else:
             classes = len(class_text) if class_text is not None else None
+            data_identity = identity.shards_folder_identity(shards_dir)
             data = open_shard_data(
-                config, samples, shards_dir, cache_dir, teacher, student, classes, seed, env, device
+                config,
+                samples,
+                shards_dir,
+                data_identity,
+                cache_dir,
+                teacher,
+                student,
+                classes,
+                seed,
+                env,
+                device,
             )
         cache = getattr(data, "cache", None)
         cache_seconds = time.perf_counter() - cache_started
         total_steps = config.epochs * data.steps_per_epoch
 
-        # Optimiser, schedule and data position, restored from the newest checkpoint of this same run.
-        optimizer = make_optimizer(distiller, config, device)
+        # Optimiser, schedule, gradient scaler (fp16) and data position, restored from the newest
+        # checkpoint of this same run, with every rank's random state.
+        optimizer = make_optimizer(
+            distiller, config.lr, config.weight_decay, config.betas, config.eps, device
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total_steps))
-        checkpoints = Checkpoints(checkpoint_dir, run_hash(config, seed, data.identity))
+        scaler = make_grad_scaler(device, config.precision)
+        student_id = identity.student_identity(data_identity, config, seed, device.type, init_id)
+        checkpoints = Checkpoints(checkpoint_dir, identity.checkpoint_identity(student_id, data.identity))
         latest = checkpoints.latest() if resume else None
-        state = checkpoints.load(latest, distiller, optimizer, scheduler, device) if latest else {}
+        state = checkpoints.load(latest, distiller, optimizer, scheduler, scaler, device) if latest else {}
         if latest:
             data.load_state_dict(state["data"])
         step = start_step = saved_step = state.get("step", 0)
@@ -335,10 +380,11 @@ def distill_student(
             if not latest:
                 checkpoints.clear()
             (out_dir / CONFIG_NAME).unlink(missing_ok=True)  # the folder must not look finished
-        if latest and env.is_main:
-            restore_rng(state["rng"])
-        else:
-            torch.manual_seed(derive_seed(seed, "train", env.rank, step))
+        saved_rng = state.get("rng", [])
+        if len(saved_rng) == env.world_size:
+            set_rng_state(saved_rng[env.rank], device)
+        else:  # a fresh start, or streamed data resumed on another number of processes
+            seed_rng(derive_seed(seed, "train", env.rank, step))
         model = distiller
         if env.is_distributed:
             model = nn.parallel.DistributedDataParallel(
@@ -389,7 +435,9 @@ def distill_student(
                 distiller=distiller,
                 optimizer=optimizer,
                 scheduler=scheduler,
+                scaler=scaler,
                 env=env,
+                device=device,
             ),
         )
 
@@ -403,11 +451,16 @@ def distill_student(
         for step, epoch, batch in steps:
             with autocast(device, config.precision):
                 images = batch.images.contiguous(memory_format=layout)
-                batch_loss, student_features = model(images, batch.targets, batch.labels, batch.texts)
+                batch_loss, student_features = model(
+                    images, batch.targets, batch.labels, batch.texts, batch.text_ids
+                )
             optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
+            scaler.scale(batch_loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradient (a no-op without fp16)
             grad_norm = nn.utils.clip_grad_norm_(distiller.parameters(), config.grad_clip or math.inf)
-            optimizer.step()
+            scaler.step(optimizer)  # fp16: skipped when the scaled gradient overflowed
+            scaler.update()
+            distiller.loss.clamp_temperature_()
             scheduler.step()
 
             finite = torch.isfinite(batch_loss.detach()) & torch.isfinite(grad_norm)
@@ -418,7 +471,9 @@ def distill_student(
                     log, step, epoch, scheduler, total_steps, config.batch_size, progress, checkpoints
                 )
             if step % config.checkpoint_every == 0:
-                save_checkpoint(step, data, log, checkpoints, distiller, optimizer, scheduler, env)
+                save_checkpoint(
+                    step, data, log, checkpoints, distiller, optimizer, scheduler, scaler, env, device
+                )
                 saved_step = step
             progress.set_description(f"distill epoch {epoch + 1}/{config.epochs}", refresh=False)
             progress.update()
@@ -427,7 +482,9 @@ def distill_student(
                 write_log_line(
                     log, step, epoch, scheduler, total_steps, config.batch_size, progress, checkpoints
                 )
-            save_checkpoint(step, data, log, checkpoints, distiller, optimizer, scheduler, env)
+            save_checkpoint(
+                step, data, log, checkpoints, distiller, optimizer, scheduler, scaler, env, device
+            )
         progress.close()
         elapsed = time.perf_counter() - started
 
@@ -468,7 +525,7 @@ def write_log_line(
     scheduler,
     total_steps: int,
     batch_size: int,
-    progress: tqdm,
+    progress: Any,
     checkpoints: Checkpoints,
 ) -> None:
     """A log line (a collective under DDP), echoed in the progress bar; refuses a non-finite loss
@@ -484,10 +541,21 @@ def write_log_line(
 
 
 def save_checkpoint(
-    step: int, data: TrainData, log: TrainLog, checkpoints: Checkpoints, distiller, optimizer, scheduler, env
+    step: int,
+    data: TrainData,
+    log: TrainLog,
+    checkpoints: Checkpoints,
+    distiller,
+    optimizer,
+    scheduler,
+    scaler,
+    env: DistEnv,
+    device: torch.device,
 ) -> Path | None:
-    """Every rank reports the data position (a collective) and rank 0 writes (and returns the folder)."""
+    """Every rank reports the data position and its random state (collectives) and rank 0 writes
+    (and returns the folder)."""
     position = {"data": data.state_dict(), "corrupt_keys": log.corrupt_keys}
+    rng = gather_rng_states(env, device)
     if env.is_main:
-        return checkpoints.save(step, distiller, optimizer, scheduler, position)
+        return checkpoints.save(step, distiller, optimizer, scheduler, scaler, rng, position)
     return None

@@ -1,23 +1,41 @@
-"""The optimiser and the learning-rate schedule of the distillation."""
+"""The optimiser, the learning-rate schedule and the fp16 gradient scaler of the distillation."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from synthdistill.config import DistillConfig
+from synthdistill.runtime import autocast_dtype
+from synthdistill.student import parameter_groups
 
 
-def make_optimizer(module: nn.Module, config: DistillConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; as in CLIP training, biases, norms and the temperature (1-D tensors) get no weight decay."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, fused=device.type == "cuda")
+def make_optimizer(
+    module: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: Sequence[float],
+    eps: float,
+    device: torch.device,
+) -> torch.optim.AdamW:
+    """AdamW over :func:`~synthdistill.student.parameter_groups` (no decay for biases, norms, the
+    temperature and what timm excludes); fused on CUDA."""
+    return torch.optim.AdamW(
+        parameter_groups(module, weight_decay),
+        lr=lr,
+        betas=(float(betas[0]), float(betas[1])),
+        eps=eps,
+        fused=device.type == "cuda",
+    )
+
+
+def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A gradient scaler that is on exactly when the step autocasts to fp16 (whose small gradients
+    underflow without one); bf16 and fp32 get a disabled scaler, a pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
 
 
 def lr_factor(step: int, config: DistillConfig, total_steps: int) -> float:

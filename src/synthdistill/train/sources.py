@@ -39,6 +39,7 @@ from synthdistill.data.augment import (
 from synthdistill.data.decoded import DecodedImages
 from synthdistill.data.stream import SourceStats, TrainSource, build_train_source
 from synthdistill.errors import SynthdistillError, setting
+from synthdistill.losses import caption_ids
 from synthdistill.registry import Domain
 from synthdistill.runtime import DistEnv, autocast, derive_seed
 from synthdistill.shards import ShardSamples, list_shards
@@ -118,6 +119,7 @@ class TrainStep:
     labels: torch.Tensor | None  # (B,) each image's text: class index, or caption index into ``texts``
     texts: torch.Tensor | None  # (C, D) the batch's caption embeddings; None: the class texts
     keys: list[str]
+    text_ids: torch.Tensor | None = None  # (B,) captions: equal ids for equal captions on every rank
     corrupt_keys: list[str] = field(default_factory=list)  # dropped from this batch: did not decode
     padding: bool = False  # a repeat that keeps this rank in step: trained on, not new images
 
@@ -394,6 +396,7 @@ class StreamTrainData:
                 labels=labels,
                 texts=texts,
                 keys=batch.keys,
+                text_ids=caption_ids(batch.texts, device) if self.needs_text else None,
                 padding=batch.padding,
             )
 

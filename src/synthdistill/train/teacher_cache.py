@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -23,13 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synthdistill.config import config_hash
 from synthdistill.data.augment import Augmentation, augment
+from synthdistill.data.decoded import allocated_memmap
 from synthdistill.errors import SynthdistillError
-from synthdistill.fileio import atomic_write_json, exclusive_lock, temporary_name
+from synthdistill.fileio import (
+    atomic_write_json,
+    disk_full_is_an_error,
+    exclusive_lock,
+    remove_stale_temporaries,
+    temporary_name,
+)
+from synthdistill.identity import teacher_cache_identity
 from synthdistill.progress import progress_iter
 from synthdistill.runtime import DistEnv, autocast, autocast_dtype, barrier
-from synthdistill.shards import INDEX_NAME
 from synthdistill.teacher import Teacher
 
 logger = logging.getLogger(__name__)
@@ -43,39 +48,23 @@ def teacher_features(teacher: Teacher, images: torch.Tensor, precision: str) -> 
         return teacher.model.encode_image(images.to(device, non_blocking=True)).float()
 
 
-def shards_fingerprint(shards: list[Path]) -> str:
-    """Names the shards' content cheaply: their names and sizes, and the index.json beside them."""
-    parts = [(p.name, p.stat().st_size) for p in shards]
-    index = shards[0].parent / INDEX_NAME if shards else None
-    index_hash = hashlib.sha256(index.read_bytes()).hexdigest() if index and index.is_file() else None
-    return config_hash(parts, index_hash)
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of every tensor of ``module``: a local checkpoint file may change under the same name."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode("utf-8"))
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 STORAGE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 
 def cache_key(
     teacher: Teacher, augmentation: Augmentation, views: int, precision: str, shards_id: str, dtype: str
 ) -> str:
-    """Everything the stored embeddings depend on, hashed."""
-    return config_hash(
-        dtype,
-        teacher.identity,
-        weights_fingerprint(teacher.model.visual),
-        dataclasses.asdict(teacher.preprocessing),
-        str(autocast_dtype(teacher.device, precision)),
-        dataclasses.asdict(augmentation),
-        views,
-        shards_id,
+    """The cache's name: :func:`synthdistill.identity.teacher_cache_identity` of this teacher, its
+    autocast dtype on its device, the augmentation, the view count, the shards and the storage."""
+    return teacher_cache_identity(
+        teacher=teacher.name,
+        teacher_pretrained=teacher.pretrained,
+        preprocessing=dataclasses.asdict(teacher.preprocessing),
+        precision=str(autocast_dtype(teacher.device, precision) or "fp32"),
+        augmentation=dataclasses.asdict(augmentation),
+        views=views,
+        shards=shards_id,
+        dtype=dtype,
     )
 
 
@@ -124,6 +113,8 @@ def open_or_build_cache(
     path, meta_path = cache_dir / f"views-{key}.npy", cache_dir / f"views-{key}.json"
     lock = cache_lock(cache_dir / f".views-{key}.lock") if env.is_main else contextlib.nullcontext()
     with lock:
+        if env.is_main:
+            remove_stale_temporaries(cache_dir, recursive=False)  # what killed builds left
         build = broadcast_object(not (meta_path.is_file() and path.is_file()), env)
         if build:
             build_cache(
@@ -136,14 +127,14 @@ def open_or_build_cache(
 
 @contextlib.contextmanager
 def cache_lock(path: Path) -> Iterator[None]:
-    """The cache's lock file; a second process says once that it waits for the first."""
-    try:
-        with exclusive_lock(path, "the teacher cache"):
-            yield
-            return
-    except SynthdistillError:
-        logger.info("another process is building the teacher cache in %s: waiting for it", path.parent)
-    with exclusive_lock(path, "the teacher cache", wait=True):
+    """The cache's lock file; a second process says once that it waits for the first. Only the
+    refusal to take the lock is caught here: an error of the build itself (a full disk) goes on up."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(path, "the teacher cache"))
+        except SynthdistillError:
+            logger.info("another process is building the teacher cache in %s: waiting for it", path.parent)
+            held.enter_context(exclusive_lock(path, "the teacher cache", wait=True))
         yield
 
 
@@ -172,48 +163,32 @@ def build_cache(
 ) -> None:
     """Each rank embeds items rank, rank + W, ... into its own file (a name unique to this build, so
     no two writers share a file, which network filesystems do not keep consistent); rank 0 merges
-    them into (K, N, D), renames it into place and removes what an interrupted build left."""
+    them into (K, N, D) and renames it into place. A full disk is one sentence naming the folder,
+    and the build's files are removed."""
     cache_dir = path.parent
     token = broadcast_object(temporary_name(path).name.split(".tmp-")[-1], env)
     items = [(index, view) for view in range(views) for index in range(num_samples)]
-    mine = items[env.rank :: env.world_size]
     part = cache_dir / f".{path.name}.part{env.rank}-of-{env.world_size}.tmp-{token}"
+    merged_path = temporary_name(path)
     if env.is_main:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        for stale in cache_dir.glob(f".{path.name}.*"):  # what an interrupted build of this cache left
-            stale.unlink()
     barrier(env)
-    rows = np.lib.format.open_memmap(
-        part, mode="w+", dtype=STORAGE_DTYPES[dtype], shape=(len(mine), teacher.embed_dim)
-    )
-    position = {item: row for row, item in enumerate(mine)}
-    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
-    device = teacher.device
-    loaded = images.batches(batches, device)
-    for batch in progress_iter(loaded, len(batches), "teacher cache", unit="batch", enabled=env.is_main):
-        if len(batch):
-            (inputs,) = augment(batch, augmentation, [teacher.preprocessing])
-            features = teacher_features(teacher, inputs, precision)
-            where = [
-                position[(i, v)] for i, v in zip(batch.indices.tolist(), batch.views.tolist(), strict=True)
-            ]
-            rows[where] = features.cpu().numpy()
-    rows.flush()
-    del rows
-    barrier(env)
+    try:
+        with disk_full_is_an_error(cache_dir):
+            embed_share(part, teacher, images, items[env.rank :: env.world_size], augmentation, precision,
+                        batch_size, dtype, env)  # fmt: skip
+            barrier(env)
+            if env.is_main:
+                merge_shares(merged_path, part, items, views, num_samples, teacher.embed_dim, dtype, env)
+                os.replace(merged_path, path)
+    except BaseException:  # the parts are the merge's input: removed only when the build fails
+        part.unlink(missing_ok=True)
+        if env.is_main:
+            merged_path.unlink(missing_ok=True)
+            for rank in range(env.world_size):  # a rank that failed before the merge
+                (cache_dir / part.name.replace(f".part{env.rank}-", f".part{rank}-")).unlink(missing_ok=True)
+        raise
     if env.is_main:
-        merged_path = temporary_name(path)
-        merged = np.lib.format.open_memmap(
-            merged_path, mode="w+", dtype=STORAGE_DTYPES[dtype], shape=(views, num_samples, teacher.embed_dim)
-        )
-        for rank in range(env.world_size):
-            rank_part = cache_dir / part.name.replace(f".part{env.rank}-", f".part{rank}-")
-            rank_items = np.array(items[rank :: env.world_size], dtype=np.int64).reshape(-1, 2)
-            merged[rank_items[:, 1], rank_items[:, 0]] = np.load(rank_part, mmap_mode="r")
-            rank_part.unlink()
-        merged.flush()
-        del merged
-        os.replace(merged_path, path)
         atomic_write_json(
             meta_path,
             {
@@ -226,3 +201,50 @@ def build_cache(
             },
         )
         logger.info("teacher cache: %d views of %d images -> %s", views, num_samples, path)
+
+
+def embed_share(
+    part: Path,
+    teacher: Teacher,
+    images,
+    mine: list[tuple[int, int]],
+    augmentation: Augmentation,
+    precision: str,
+    batch_size: int,
+    dtype: str,
+    env: DistEnv,
+) -> None:
+    """This rank's (sample, view) items, embedded by the teacher, into rows of its own ``part`` file."""
+    rows = allocated_memmap(part, STORAGE_DTYPES[dtype], (len(mine), teacher.embed_dim))
+    position = {item: row for row, item in enumerate(mine)}
+    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    loaded = images.batches(batches, teacher.device)
+    for batch in progress_iter(loaded, len(batches), "teacher cache", unit="batch", enabled=env.is_main):
+        if len(batch):
+            (inputs,) = augment(batch, augmentation, [teacher.preprocessing])
+            features = teacher_features(teacher, inputs, precision)
+            where = [
+                position[(i, v)] for i, v in zip(batch.indices.tolist(), batch.views.tolist(), strict=True)
+            ]
+            rows[where] = features.cpu().numpy()
+    rows.flush()
+
+
+def merge_shares(
+    merged_path: Path,
+    part: Path,
+    items: list[tuple[int, int]],
+    views: int,
+    num_samples: int,
+    embed_dim: int,
+    dtype: str,
+    env: DistEnv,
+) -> None:
+    """Rank 0: every rank's part file into one (K, N, D) array at ``merged_path``."""
+    merged = allocated_memmap(merged_path, STORAGE_DTYPES[dtype], (views, num_samples, embed_dim))
+    for rank in range(env.world_size):
+        rank_part = part.parent / part.name.replace(f".part{env.rank}-", f".part{rank}-")
+        rank_items = np.array(items[rank :: env.world_size], dtype=np.int64).reshape(-1, 2)
+        merged[rank_items[:, 1], rank_items[:, 0]] = np.load(rank_part, mmap_mode="r")
+        rank_part.unlink()
+    merged.flush()
