@@ -13,16 +13,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-<<<<<<< HEAD
-from synthdistill.config import DistillConfig, config_hash, hashed_settings
 from synthdistill.errors import SynthdistillError, argument
-from synthdistill.fileio import temporary_name
-=======
-from synthdistill.errors import SynthdistillError
 from synthdistill.fileio import atomic_path, atomic_write_json
 from synthdistill.runtime import DistEnv
 from synthdistill.student import CHECKPOINT_WEIGHTS_NAME, CONFIG_NAME, Student
->>>>>>> main
 
 logger = logging.getLogger(__name__)
 
