@@ -140,4 +140,4 @@ def test_after_the_quick_start_the_python_blocks_and_the_tiny_capable_commands_r
             assert out.count("%") == 2 * 5  # two images, the top 5 of Pets' 37 classes each (labels.json)
     assert (after_quick_start / "runs" / "pets" / "export" / "model.onnx").is_file()
     assert len((after_quick_start / "runs" / "pets" / "prompts.jsonl").read_text().splitlines()) == 37 * 265
-    assert len(ran) == 12
+    assert len(ran) == 13
