@@ -126,7 +126,7 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, shards):
 def test_checkpoint_of_other_settings_is_refused_unless_starting_over(tmp_path, shards):
     out = tmp_path / "student"
     distill(shards, out, tiny_config(), device="cpu", stop_after_steps=2)
-    with pytest.raises(SynthdistillError, match="--no-resume"):
+    with pytest.raises(SynthdistillError, match="resume=False"):
         distill(shards, out, tiny_config(lr=1e-3), device="cpu")
     again = distill(shards, out, tiny_config(lr=1e-3), device="cpu", resume=False)
     assert again.completed and again.resumed_from_step is None

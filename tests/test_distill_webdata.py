@@ -157,7 +157,7 @@ def test_cli_trains_on_an_image_folder(tmp_path, make_blob, monkeypatch, capsys)
 
 
 def test_streamed_data_needs_its_epoch_size_and_excludes_shards(tmp_path, web, capsys):
-    with pytest.raises(SynthdistillError, match="--train-num-samples"):
+    with pytest.raises(SynthdistillError, match=r"distill\.train_num_samples=N"):
         distill(None, tmp_path / "student", stream_config(web, train_num_samples=None), device="cpu")
     with pytest.raises(SystemExit) as exit_info:
         main(["distill", "--shards", str(tmp_path), "--train-data", web, "--device", "cpu"])

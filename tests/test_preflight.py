@@ -35,6 +35,7 @@ def test_a_paper_recipe_offline_lists_every_missing_input_with_its_key_before_an
         CONFIGS / "pets.yaml",
         [
             f"run_dir={run}",
+            "distill.init=null",
             f"evaluate.data_root={data}",
             "generate.filter=teacher",
             "generate.vae=madebyollin/sdxl-vae-fp16-fix",
@@ -60,7 +61,7 @@ def test_a_paper_recipe_offline_lists_every_missing_input_with_its_key_before_an
 def test_the_command_line_names_set_keys_and_the_api_recipe_keys(tmp_path, offline_empty_cache):
     from synthdistill.cli.common import cli_style
 
-    recipe = load_recipe(CONFIGS / "pets.yaml", [f"evaluate.data_root={tmp_path}"])
+    recipe = load_recipe(CONFIGS / "pets.yaml", ["distill.init=null", f"evaluate.data_root={tmp_path}"])
     with pytest.raises(SynthdistillError) as refused:
         check_inputs(recipe, resolve_domain("pets", None, None), ["distill"])
     assert refused.value.render(cli_style({})).endswith(
@@ -105,5 +106,5 @@ def test_cached_models_with_the_hub_unreachable_switch_offline_mode_on(tmp_path,
 
 
 def test_finished_stages_need_nothing(tmp_path, offline_empty_cache):
-    recipe = load_recipe(CONFIGS / "pets.yaml", [f"evaluate.data_root={tmp_path}"])
+    recipe = load_recipe(CONFIGS / "pets.yaml", ["distill.init=null", f"evaluate.data_root={tmp_path}"])
     check_inputs(recipe, resolve_domain("pets", None, None), ["export"])

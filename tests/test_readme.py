@@ -31,6 +31,7 @@ NOT_RUN = {  # a README command (its start) -> why no test runs it (each is stil
     "synthdistill evaluate --teacher-only --teacher ViT-B-32": "the real Pets test set and ViT-B/32",
     "synthdistill evaluate --student runs/x/student --image-folder ~/mydata/test": "the user's own photos",
     "synthdistill export -c configs/pets.yaml --precision": "int8 calibrates on the Pets run's own shards",
+    "synthdistill predict --model runs/pets/export/model.int8.onnx": "needs that int8 form",
     "synthdistill run configs/datacomp_medium.yaml": "DataComp medium and the ViT-B/32 teacher",
     "synthdistill run configs/food101.yaml": "the paper's recipe: Llama-2, SDXL and ViT-B/32 weights, a GPU",
     "synthdistill prompts --dataset pets --generator paper --llm /path": "local Llama-2 weights",
@@ -73,10 +74,10 @@ def test_every_readme_command_is_run_or_named_with_its_reason_and_each_parses():
         parser.parse_args(argv)  # exits (and fails the test) on a flag the CLI no longer has
 
 
-@pytest.fixture(scope="module")
-def after_quick_start(tmp_path_factory):
+@pytest.fixture
+def after_quick_start(tmp_path):
     """A scratch copy of configs/ where the quick start's smoke run has run, as a new user has it."""
-    scratch = tmp_path_factory.mktemp("readme")
+    scratch = tmp_path
     shutil.copytree(ROOT / "configs", scratch / "configs")
     before = Path.cwd()
     os.chdir(scratch)
@@ -90,8 +91,12 @@ def after_quick_start(tmp_path_factory):
         os.chdir(before)
 
 
-@pytest.mark.slow
-def test_the_python_blocks_run_as_pasted_after_the_quick_start(after_quick_start, capsys):
+@pytest.mark.slow  # two smoke runs (the quick start's and the API example's): a few minutes on 2 cores
+def test_after_the_quick_start_the_python_blocks_and_the_tiny_capable_commands_run(
+    after_quick_start, capsys, make_image
+):
+    """The Python blocks run as pasted; then the runs/pets paths of the README hold the smoke run's
+    tiny student, so its commands run in README order."""
     blocks = _blocks("python")
     assert blocks
     namespace: dict = {}
@@ -103,14 +108,15 @@ def test_the_python_blocks_run_as_pasted_after_the_quick_start(after_quick_start
     assert namespace["result"].run_dir.name == "api-smoke"
     assert "cat" in capsys.readouterr().out
 
-
-@pytest.mark.slow
-def test_the_tiny_capable_commands_run_in_readme_order(after_quick_start, capsys, make_image):
-    """The runs/pets paths of the README hold the smoke run's tiny student, so its commands run."""
     shutil.copytree(
         after_quick_start / "runs" / "smoke" / "student", after_quick_start / "runs" / "pets" / "student"
     )
     (after_quick_start / "birds.txt").write_text("robin\nwren\nEuropean robin\n")
+    smoke_prompts = (after_quick_start / "runs" / "smoke" / "prompts.jsonl").read_text().splitlines()
+    (after_quick_start / "p.jsonl").write_text("\n".join(smoke_prompts[:4]) + "\n")
+    shutil.copytree(
+        after_quick_start / "runs" / "smoke" / "shards", after_quick_start / "runs" / "pets" / "shards"
+    )
     make_image(1).save(after_quick_start / "photo1.jpg")
     make_image(2).save(after_quick_start / "photo2.png")
     (after_quick_start / "photos").mkdir()
@@ -131,7 +137,7 @@ def test_the_tiny_capable_commands_run_in_readme_order(after_quick_start, capsys
             assert [Path(r["path"]).name for r in rows] == ["photo1.jpg", "photo2.png"]
             assert all(len(r["top_k"]) == 5 for r in rows)
         if "predict --student" in command:
-            assert out.count("%") == 2 * 5  # two images, the top 5 of Pets' 37 classes each
+            assert out.count("%") == 2 * 5  # two images, the top 5 of Pets' 37 classes each (labels.json)
     assert (after_quick_start / "runs" / "pets" / "export" / "model.onnx").is_file()
     assert len((after_quick_start / "runs" / "pets" / "prompts.jsonl").read_text().splitlines()) == 37 * 265
-    assert len(ran) == 11
+    assert len(ran) == 13

@@ -109,7 +109,7 @@ def test_a_stage_three_run_starts_from_the_stage_one_student(
 def test_another_init_is_another_checkpoint_identity(two_shard_sets, stage_one, tmp_path):
     _, b = two_shard_sets
     distill(b, tmp_path / "student", tiny_config(init=str(stage_one)), device="cpu", stop_after_steps=2)
-    with pytest.raises(SynthdistillError, match="--no-resume"):
+    with pytest.raises(SynthdistillError, match="resume=False"):
         distill(b, tmp_path / "student", tiny_config(), device="cpu")
 
 

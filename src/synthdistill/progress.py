@@ -60,6 +60,9 @@ class LineProgress:
     def set_postfix(self, values: dict[str, Any] | None = None, refresh: bool = True, **kwargs: Any) -> None:
         self.postfix = {**(values or {}), **kwargs}
 
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.postfix = {"at": text} if text else {}
+
     def set_description(self, desc: str, refresh: bool = True) -> None:
         self.desc = desc
 

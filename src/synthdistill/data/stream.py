@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, setting
 from synthdistill.runtime import derive_seed
 from synthdistill.shards import IMAGE_EXTENSIONS, decode_image, list_shards, read_index
 
@@ -768,12 +768,16 @@ def build_train_source(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}.")
     if num_samples is not None and num_samples <= 0:
-        raise SynthdistillError(f"--train-num-samples must be positive; got {num_samples}.")
+        raise SynthdistillError(f"distill.train_num_samples must be positive; got {num_samples}.")
     if resampled and num_samples is None:
-        raise SynthdistillError("Resampled training data needs --train-num-samples: it defines the epoch.")
+        raise SynthdistillError(
+            f"Resampled training data needs {setting('distill.train_num_samples', 'N')}: it defines "
+            "the epoch."
+        )
     if need_text and spec.startswith(IMAGEFOLDER_PREFIX):
         raise SynthdistillError(
-            f"'{spec}' has no captions, which the loss needs; use --loss fd, or shards with .txt captions."
+            f"'{spec}' has no captions, which the loss needs; use {setting('distill.loss', 'fd')}, or shards "
+            "with .txt captions."
         )
     shards, known_samples = _resolve_shards(spec)
     return TrainSource(

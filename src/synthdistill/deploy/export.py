@@ -537,6 +537,73 @@ def _forms_lines(summary: ExportSummary) -> list[str]:
     return lines
 
 
+ONNX_SNIPPET = """\
+import json
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps
+
+labels = json.load(open("labels.json"))
+size = labels["preprocessing"]["image_size"]
+image = ImageOps.fit(Image.open("photo.jpg").convert("RGB"), (size, size), Image.BICUBIC)
+images = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None] / 255  # RGB in [0, 1]
+logits, embedding = ort.InferenceSession("model.onnx").run(None, {"images": images})
+print(labels["classnames"][int(logits[0].argmax())])
+"""
+"""Classifies one image with onnxruntime alone: the card's example, run by a test."""
+
+
+def training_lines(student_dir: Path) -> list[str]:
+    """What the student was trained on, read from its run directory when it sits in one
+    (``<run>/student``: the shards' index.json, the prompts' generator, config.yaml)."""
+    import json
+
+    run = Path(student_dir).parent
+    index, prompts, recipe = run / "shards" / "index.json", run / "prompts.jsonl", run / "config.yaml"
+    if not index.is_file():
+        return ["Not recorded: the student folder is not in a run directory (`<run>/student`)."]
+    shards = read_json(index)
+    settings = shards.get("settings", {})
+    lines = [
+        f"- {shards.get('total', '?'):,} synthetic images (no real image) drawn by `{settings.get('model')}`"
+        + (f" with LoRA `{settings['lora']}`" if settings.get("lora") else "")
+        + f", {settings.get('steps')} steps, guidance {settings.get('guidance')}."
+    ]
+    if prompts.is_file():
+        with prompts.open(encoding="utf-8") as handle:
+            first = json.loads(handle.readline() or "{}")
+        lines.append(f"- Prompts: the `{first.get('generator', '?')}` generator.")
+    if recipe.is_file():
+        lines += [
+            "",
+            "The recipe (`config.yaml`):",
+            "",
+            "```yaml",
+            recipe.read_text(encoding="utf-8").rstrip(),
+            "```",
+        ]
+    return lines
+
+
+def limitation_lines(info: ModelInfo, evaluation: EvaluationResults | None) -> list[str]:
+    """What the model cannot do, in plain words."""
+    lines = [
+        "- It knows only these classes: any image gets one of them, there is no 'none of these'.",
+        f"- It copies its teacher `{info.teacher}` on synthetic images: it inherits the teacher's errors "
+        "and biases and is not meant to beat it.",
+        f"- It sees one {info.image_size} px centre crop: small or off-centre objects lose detail.",
+    ]
+    if evaluation is not None and any(e.dataset.endswith("(synthetic)") for e in evaluation.entries):
+        lines.append(
+            "- The evaluation above used the training run's own synthetic images (no real test set): it "
+            "says how well the student copies the teacher, not how well it classifies real photos."
+        )
+    if "tiny" in (info.teacher, info.student) or info.student == "test_efficientnet":
+        lines.append("- Built from tiny random test models: its numbers mean nothing.")
+    return lines
+
+
 def render_model_card(
     info: ModelInfo,
     summary: ExportSummary,
@@ -544,8 +611,10 @@ def render_model_card(
     open_clip_name: str | None,
     evaluation: EvaluationResults | None,
     evaluation_source: str | None = None,
+    student_dir: Path | None = None,
 ) -> str:
-    """MODEL_CARD.md: what the model is, how it scores and what it costs next to its teacher."""
+    """MODEL_CARD.md: what the model is, what it was trained on, how it scores, what it cannot do and
+    what it costs next to its teacher."""
     lines = [
         f"# {info.student} distilled from {info.teacher}: zero-shot classifier for {info.domain}",
         "",
@@ -583,7 +652,19 @@ def render_model_card(
         for form in summary.forms
         if form.written
     ]
+    if "onnx" in summary.files:
+        lines += [
+            "",
+            "Classify one image with onnxruntime alone:",
+            "",
+            "```python",
+            ONNX_SNIPPET.rstrip(),
+            "```",
+        ]
+    if student_dir is not None:
+        lines += ["", "## Training data", ""] + training_lines(student_dir)
     lines += ["", "## Evaluation", ""] + _evaluation_lines(evaluation, evaluation_source)
+    lines += ["", "## Limitations", ""] + limitation_lines(info, evaluation)
     if summary.forms or "onnx" in summary.files:
         lines += ["", "## Precision forms", ""] + _forms_lines(summary)
     lines += [
@@ -659,8 +740,7 @@ def export_student(
     ``device`` only serves the teacher's text embeddings for the head; exports, FLOP counts and
     latency run on the CPU (latency on CUDA too when onnxruntime has it).
     """
-    from tqdm import tqdm
-
+    from synthdistill.progress import progress_bar
     from synthdistill.runtime import resolve_device
 
     _check_config(config)
@@ -682,9 +762,7 @@ def export_student(
     keep_fp32 = "fp32" in config.precision
     reference = out_dir / ONNX_NAME if keep_fp32 else temporary_name(out_dir / f"reference-{ONNX_NAME}")
     try:
-        with tqdm(
-            total=len(formats) + len(extra_forms) + 1, desc="export", unit="step", disable=None
-        ) as progress:
+        with progress_bar(len(formats) + len(extra_forms) + 1, "export", unit="step") as progress:
             for name in formats:
                 progress.set_postfix_str(name)
                 if name == "onnx":
@@ -745,7 +823,13 @@ def export_student(
         if not keep_fp32:
             reference.unlink(missing_ok=True)
     card = render_model_card(
-        info, summary, teacher_size, open_clip_name, evaluation, eval_results.name if eval_results else None
+        info,
+        summary,
+        teacher_size,
+        open_clip_name,
+        evaluation,
+        eval_results.name if eval_results else None,
+        Path(student_dir),
     )
     atomic_write_text(out_dir / CARD_NAME, card)
     files.update(labels=out_dir / LABELS_NAME, model_card=out_dir / CARD_NAME)

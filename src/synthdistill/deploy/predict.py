@@ -339,7 +339,7 @@ def classify_files(
     Unreadable files are skipped and reported at the end, to ``on_skip(path, reason)`` or else as
     warnings of this module's logger; the rest are classified, in input order.
     """
-    from tqdm import tqdm
+    from synthdistill.progress import progress_bar
 
     if top_k < 1 or batch_size < 1:
         raise SynthdistillError("--top-k and --batch-size must be at least 1.")
@@ -347,7 +347,7 @@ def classify_files(
     predictions: list[Prediction] = []
     k = min(top_k, len(info.classnames))
     skipped: list[tuple[Path, str]] = []
-    with tqdm(total=len(paths), unit="img", disable=None, desc="predict") as progress:
+    with progress_bar(len(paths), "predict", unit="img") as progress:
         for names, batch, consumed in _batches(paths, info, batch_size, skipped):
             probabilities = softmax(run(batch).astype(np.float64))
             for name, row in zip(names, probabilities, strict=True):

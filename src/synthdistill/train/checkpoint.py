@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, argument
 from synthdistill.fileio import atomic_path, atomic_write_json
 from synthdistill.runtime import DistEnv
 from synthdistill.student import CHECKPOINT_WEIGHTS_NAME, CONFIG_NAME, Student
@@ -142,8 +142,8 @@ class Checkpoints:
         if state.get("identity") != self.identity:
             raise SynthdistillError(
                 f"The checkpoint '{path}' was made under another config, other training data or (on the "
-                "run's shards) another number of processes; rerun with --no-resume to start over, or "
-                "choose another --out."
+                f"run's shards) another number of processes; delete '{path.parent}' (or rerun `distill` "
+                f"with {argument('--no-resume', 'resume=False')}) to start over, or choose another --out."
             )
         distiller.load_state_dict(load_file(str(path / CHECKPOINT_WEIGHTS_NAME), device=str(device)))
         optimizer.load_state_dict(state["optimizer"])

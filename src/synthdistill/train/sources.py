@@ -38,7 +38,7 @@ from synthdistill.data.augment import (
 )
 from synthdistill.data.decoded import DecodedImages
 from synthdistill.data.stream import SourceStats, TrainSource, build_train_source
-from synthdistill.errors import SynthdistillError
+from synthdistill.errors import SynthdistillError, setting
 from synthdistill.losses import caption_ids
 from synthdistill.registry import Domain
 from synthdistill.runtime import DistEnv, autocast, derive_seed
@@ -363,7 +363,8 @@ class StreamTrainData:
     ):
         if source.batches_per_epoch is None:
             raise SynthdistillError(
-                f"Pass --train-num-samples (the samples of an epoch of '{source.spec}'): the learning-rate "
+                f"Pass {setting('distill.train_num_samples', 'N')} (the samples of an epoch of "
+                f"'{source.spec}'): the learning-rate "
                 "schedule and the ETA count steps."
             )
         self.source, self.teacher, self.image_size = source, teacher, image_size
