@@ -42,6 +42,7 @@ def tiny_export(tmp_path_factory):
 
     Returns a namespace: root, student_dir, domain, out_dir, summary, eval_results, config.
     """
+    import dataclasses
     from types import SimpleNamespace
 
     import torch
@@ -66,7 +67,8 @@ def tiny_export(tmp_path_factory):
     common = {
         "dataset": "things", "teacher": "tiny", "student": "test_efficientnet", "source": "test",
         "num_classes": 5, "templates": ["a {c}."], "precision": "fp32", "n_images": 64,
-        "skipped_images": 0, "headline_metric": "top1",
+        "skipped_images": 0, "headline_metric": "top1", "protocol": "clip_benchmark",
+        "preprocessing": dataclasses.asdict(teacher.preprocessing),
     }  # fmt: skip
     results = EvaluationResults(teacher="tiny", student="test_efficientnet", precision="fp32", device="cpu")
     results.entries = [

@@ -262,8 +262,10 @@ def test_cli_predict_prints_json_and_text_and_skips_unreadable_files(
     main(["predict", "--model", str(onnx_model), *files, "--top-k", "2", "--json"])
     captured = capsys.readouterr()
     results = json.loads(captured.out)
-    assert [r["path"] for r in results] == [files[0], files[2]]
-    assert all(len(r["top_k"]) == 2 and r["top_k"][0]["class"] in CLASSES for r in results)
+    classified = [r for r in results if "skipped" not in r]
+    assert [r["path"] for r in classified] == [files[0], files[2]]
+    assert all(len(r["top_k"]) == 2 and r["top_k"][0]["class"] in CLASSES for r in classified)
+    assert [(r["path"], bool(r["skipped"])) for r in results if "skipped" in r] == [(files[1], True)]
     assert "skipped" in captured.err and "bad.png" in captured.err
 
     main(["predict", "--model", str(onnx_model), files[0], "--top-k", "3"])
