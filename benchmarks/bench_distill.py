@@ -83,7 +83,7 @@ def student_step(config: DistillConfig, device: torch.device, steps: int = 20) -
     student = build_student(config, teacher, seed=0)
     distiller = Distiller(student, WeightedLoss("fd", LossSettings()), None).to(device).train()
     model = torch.compile(distiller) if config.compile else distiller
-    optimizer = make_optimizer(distiller, config, device)
+    optimizer = make_optimizer(distiller, config.lr, config.weight_decay, config.betas, config.eps, device)
     size = student.config.preprocessing.image_size
     images = torch.randn(config.batch_size, 3, size, size, device=device)
     targets = torch.randn(config.batch_size, teacher.embed_dim, device=device)

@@ -48,8 +48,9 @@ def test_fused_adamw_matches_the_unfused_step():
     torch.manual_seed(0)
     models = [torch.nn.Linear(64, 32).cuda() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    fused = make_optimizer(models[0], DistillConfig(), torch.device("cuda"))
-    plain = make_optimizer(models[1], DistillConfig(), torch.device("cpu"))
+    c = DistillConfig()
+    fused = make_optimizer(models[0], c.lr, c.weight_decay, c.betas, c.eps, torch.device("cuda"))
+    plain = make_optimizer(models[1], c.lr, c.weight_decay, c.betas, c.eps, torch.device("cpu"))
     assert fused.defaults["fused"] and not plain.defaults["fused"]
     x = torch.randn(16, 64, device="cuda")
     for model, optimizer in zip(models, (fused, plain), strict=True):
