@@ -71,8 +71,9 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    # forked, not spawned: the children start with torch already imported
-    mp.start_processes(run_rank, args=(str(out / "init"), str(out)), nprocs=WORLD_SIZE, start_method="fork")
+    # spawned, not forked: a child forked from a process whose OpenMP pool has run hangs in its first
+    # parallel op (GNU libgomp is not fork-safe)
+    mp.start_processes(run_rank, args=(str(out / "init"), str(out)), nprocs=WORLD_SIZE, start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
