@@ -328,7 +328,7 @@ def test_two_gloo_processes_split_shards_and_resume(web, tmp_path):
     spec, good = web
     out = tmp_path / "out"
     out.mkdir()
-    mp.start_processes(gloo_rank, args=(free_port(), spec, str(out)), nprocs=2, start_method="fork")
+    mp.start_processes(gloo_rank, args=(free_port(), spec, str(out)), nprocs=2, start_method="spawn")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
     shards = [{shard_of(k) for k in r["full"]} for r in ranks]
