@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from synthdistill.config import DistillConfig
+from synthdistill.config import DistillConfig, load_recipe
 from synthdistill.data.augment import Augmentation, augment
 from synthdistill.data.decoded import open_or_build_decoded
 from synthdistill.errors import SynthdistillError
@@ -45,6 +45,8 @@ from synthdistill.train.sources import DecodedBatches, ShardViewSource, WorkerIm
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets.
 BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+# the images stage 3 reads in the paper recipes (generate.store_size of configs/<dataset>.yaml)
+PAPER_STORE_SIZE = load_recipe(Path(__file__).parents[1] / "configs" / "pets.yaml").generate.store_size
 CLIP_INPUT = Preprocessing(224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 
@@ -128,7 +130,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--images", type=int, help="Synthetic images (default: 512 on CPU, 8192 on GPU).")
-    parser.add_argument("--size", type=int, default=256, help="Stored image side (generate.store_size).")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=PAPER_STORE_SIZE,
+        help=f"Stored image side (generate.store_size; default {PAPER_STORE_SIZE}, the paper recipes').",
+    )
     parser.add_argument("--epochs", type=int, default=2, help="Training epochs per run (= cached views).")
     parser.add_argument("--batch-size", type=int, help="Batch size (default: 32 on CPU, 256 on GPU).")
     parser.add_argument("--workers", type=int, help="Data-loader workers (default: 0 on CPU, 8 on GPU).")

@@ -5,8 +5,10 @@ architecture, random weights: no download), each built exactly as ``synthdistill
 it (the zero-shot classifier with normalisation inside; the tower as export times it): parameters,
 GMACs per image (PyTorch's FlopCounterMode), and ONNX Runtime CPU latency at batch 1 and 32 in
 fp32 and in int8 (export's static QDQ quantization, calibrated on random images: the weights are
-random too, so only the cost is meaningful). Each latency is the median over a time budget after
-warm-up; every figure is also given as the teacher's multiple::
+random too, so only the cost is meaningful). The exports and quantizations run first, in
+``--jobs`` processes at once; then each model's latencies are measured alone, one model after
+the other. Each latency is the median over a time budget after warm-up; every figure is also
+given as the teacher's multiple::
 
     python benchmarks/bench_students.py                       # every preset, ~10+ minutes on 2 cores
     python benchmarks/bench_students.py --quick               # TinyViT-5M, EfficientNet-B0, teacher; < 2 min
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,20 +75,64 @@ class Row:
     latency: dict[tuple[str, int], Timing]
 
 
-def _encoders(names: list[str]):
-    """(name, module taking RGB in [0, 1], input size, parameter count) for each student, then the teacher."""
+def _encoder(name: str):
+    """(module taking RGB in [0, 1], input size, parameter count, ONNX outputs) of a student (built as
+    export builds its classifier) or of the teacher tower (``teacher <name>``)."""
     teacher = load_teacher(TEACHER, pretrained=None)
-    for name in names:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            student = create_student(name, teacher.embed_dim, preprocessing=teacher.preprocessing)
-        head = torch.nn.functional.normalize(torch.randn(teacher.embed_dim, NUM_CLASSES), dim=0)
-        classifier = ZeroShotClassifier(student, head, student.config.preprocessing).eval()
-        size = student.config.preprocessing.image_size
-        yield name, classifier, size, sum(p.numel() for p in student.parameters()), ["logits", "embedding"]
-    tower = TeacherImageTower(teacher).eval()
-    size = teacher.preprocessing.image_size
-    yield f"teacher {TEACHER}", tower, size, sum(p.numel() for p in tower.parameters()), ["embedding"]
+    if name == f"teacher {TEACHER}":
+        tower = TeacherImageTower(teacher).eval()
+        return (
+            tower,
+            teacher.preprocessing.image_size,
+            sum(p.numel() for p in tower.parameters()),
+            ["embedding"],
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        student = create_student(name, teacher.embed_dim, preprocessing=teacher.preprocessing)
+    head = torch.nn.functional.normalize(torch.randn(teacher.embed_dim, NUM_CLASSES), dim=0)
+    classifier = ZeroShotClassifier(student, head, student.config.preprocessing).eval()
+    size = student.config.preprocessing.image_size
+    return classifier, size, sum(p.numel() for p in student.parameters()), ["logits", "embedding"]
+
+
+@dataclass
+class Prepared:
+    """One model exported to fp32 and int8 ONNX, with its size and cost; or why it could not be."""
+
+    name: str
+    image_size: int = 0
+    parameters: int = 0
+    macs: int = 0
+    fp32: Path | None = None
+    int8: Path | None = None
+    failure: str | None = None
+    phases: str = ""
+
+
+def prepare(name: str, folder: Path, dynamo: bool, calibration_images: int, threads: int) -> Prepared:
+    """Build, export (fp32 and int8) and count one model: the part that needs no quiet machine."""
+    torch.set_num_threads(threads)
+    module, size, parameters, outputs = _encoder(name)
+    try:
+        with torch.inference_mode():
+            module(torch.zeros(1, 3, size, size))
+    except RuntimeError as e:  # a student the project cannot build yet: say so, measure the rest
+        return Prepared(name, failure=str(e).splitlines()[0])
+    phases = {"export": time.perf_counter()}
+    fp32 = folder / f"{name.replace(' ', '_')}.onnx"
+    write_onnx(module, fp32, size, 18, outputs, name, dynamo=dynamo)
+    phases["quantize"] = time.perf_counter()
+    int8 = fp32.with_suffix(".int8.onnx")
+    calibration = np.random.default_rng(0).random((calibration_images, 3, size, size)).astype(np.float32)
+    quantize_int8(fp32, int8, calibration)
+    phases["FLOPs"] = time.perf_counter()
+    macs = count_flops(module, torch.zeros(1, 3, size, size)) // 2
+    ends = [*list(phases.values())[1:], time.perf_counter()]
+    spent = ", ".join(
+        f"{phase} {end - start:.0f} s" for (phase, start), end in zip(phases.items(), ends, strict=True)
+    )
+    return Prepared(name, size, parameters, macs, fp32, int8, phases=spent)
 
 
 def measure(
@@ -96,42 +144,45 @@ def measure(
     folder: Path,
     dynamo: bool,
     calibration_images: int,
+    jobs: int,
 ) -> list[Row]:
+    """Prepare every model (``jobs`` processes at once), then time each alone, one after the other."""
+    names = [*names, f"teacher {TEACHER}"]
+    if jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {  # the teacher, the slowest to quantize, first
+                name: pool.submit(prepare, name, folder, dynamo, calibration_images, max(1, threads // jobs))
+                for name in [names[-1], *names[:-1]]
+            }
+            prepared = [futures[name].result() for name in names]
+    else:
+        prepared = [prepare(name, folder, dynamo, calibration_images, threads) for name in names]
+    torch.set_num_threads(threads)
     rows = []
-    for name, module, size, parameters, outputs in _encoders(names):
-        try:
-            with torch.inference_mode():
-                module(torch.zeros(1, 3, size, size))
-        except RuntimeError as e:  # a student the project cannot build yet: say so, measure the rest
-            FAILURES.append((name, str(e).splitlines()[0]))
-            print(f"  not measured {name}: {FAILURES[-1][1]}", flush=True)
+    for model in prepared:
+        if model.failure:
+            FAILURES.append((model.name, model.failure))
+            print(f"  not measured {model.name}: {model.failure}", flush=True)
             continue
-        phases = {"export": time.perf_counter()}
-        fp32 = folder / f"{name.replace(' ', '_')}.onnx"
-        write_onnx(module, fp32, size, 18, outputs, name, dynamo=dynamo)
-        phases["quantize"] = time.perf_counter()
-        int8 = fp32.with_suffix(".int8.onnx")
-        calibration = np.random.default_rng(0).random((calibration_images, 3, size, size)).astype(np.float32)
-        quantize_int8(fp32, int8, calibration)
-        phases["FLOPs"] = time.perf_counter()
-        macs = count_flops(module, torch.zeros(1, 3, size, size)) // 2
-        phases["latency"] = time.perf_counter()
+        started = time.perf_counter()
         latency = {}
-        for precision, path in (("fp32", fp32), ("int8", int8)):
+        for precision, path in (("fp32", model.fp32), ("int8", model.int8)):
             session = onnx_session(path, CPU_PROVIDER, threads)
             for batch in LATENCY_BATCHES:
                 feed = {
-                    "images": np.random.default_rng(batch).random((batch, 3, size, size)).astype(np.float32)
+                    "images": np.random.default_rng(batch)
+                    .random((batch, 3, model.image_size, model.image_size))
+                    .astype(np.float32)
                 }
                 latency[precision, batch] = time_calls(
                     lambda s=session, f=feed: s.run(None, f), seconds, min_runs, warmup
                 )
-        rows.append(Row(name, size, parameters, macs, latency))
-        ends = [*list(phases.values())[1:], time.perf_counter()]
-        spent = ", ".join(
-            f"{phase} {end - start:.0f} s" for (phase, start), end in zip(phases.items(), ends, strict=True)
+        rows.append(Row(model.name, model.image_size, model.parameters, model.macs, latency))
+        print(
+            f"  measured {model.name}: {model.phases}, latency {time.perf_counter() - started:.0f} s",
+            flush=True,
         )
-        print(f"  measured {name}: {spent}", flush=True)
     return rows
 
 
@@ -175,6 +226,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=usable_cpus(), help="Intra-op threads (default: all usable)."
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, usable_cpus()),
+        help="Processes that export and quantize the models at once (default 2); latency is then "
+        "measured one model at a time, with nothing else running.",
+    )
     parser.add_argument("--json", metavar="FILE", help="Also write the measurements as JSON.")
     args = parser.parse_args()
     presets = [] if args.only else list(QUICK_PRESETS if args.quick else PRESETS)
@@ -194,6 +252,7 @@ def main() -> None:
             Path(folder),
             dynamo=not args.quick,
             calibration_images=1 if args.quick else CALIBRATION_IMAGES,
+            jobs=args.jobs,
         )
     header = (
         f"ONNX Runtime, CPUExecutionProvider, {args.threads} intra-op threads; median over a {seconds:g} s "
@@ -204,7 +263,7 @@ def main() -> None:
     print(render(rows, header))
     print(
         f"\n{len(rows)} models in {time.perf_counter() - started:.0f} s wall, "
-        f"{time.process_time() - cpu_started:.0f} s CPU time of this process."
+        f"{time.process_time() - cpu_started:.0f} s CPU time of this process (not its export processes)."
     )
     if args.json:
         Path(args.json).write_text(

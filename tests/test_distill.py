@@ -1,7 +1,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -10,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distill_runs import kill_after_first_checkpoint, resume_and_run_straight, tiny_config
 from synthdistill.cli import main
-from synthdistill.config import DistillConfig
 from synthdistill.data.augment import EpochBatches, ViewDataset, view_loader
 from synthdistill.errors import SynthdistillError
 from synthdistill.registry import domain_from_classes, get_dataset
@@ -23,22 +22,6 @@ from synthdistill.train import distill_student as distill
 from synthdistill.train.sources import ShardViewSource
 
 CLASSES = ("a", "b", "c")  # what write_shards labels the images with
-
-
-def tiny_config(**overrides) -> DistillConfig:
-    settings = dict(
-        teacher="tiny",
-        teacher_pretrained=None,
-        student="tiny",
-        epochs=2,
-        batch_size=8,
-        lr=2e-3,
-        workers=0,
-        cache_views=2,
-        checkpoint_every=100,
-        log_every=1,
-    )
-    return DistillConfig(**{**settings, **overrides})
 
 
 def read_log(student_dir) -> list[dict]:
@@ -290,33 +273,14 @@ def test_killed_run_resumes_to_the_same_weights_and_the_same_log(tmp_path, shard
         "--set", "distill.checkpoint_every=5", "--set", "distill.log_every=1",
     ]  # fmt: skip
     killed = tmp_path / "killed" / "student"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "synthdistill", "-v", *args, "--out", str(killed)],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    for line in process.stderr:  # blocks until the process says it wrote a checkpoint
-        if line.startswith("checkpoint "):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_after_first_checkpoint(args, killed)
     assert not (killed / "config.json").exists()
     (checkpoint,) = (tmp_path / "killed" / "checkpoints").glob("step-*")  # (a kill mid-save leaves a .tmp)
     logged_before = [line for line in read_log(killed) if "loss" in line]
     assert logged_before and logged_before[-1]["step"] >= int(checkpoint.name.removeprefix("step-"))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the killed process ran: float sums depend on the thread count
-    try:
-        main([*args, "--out", str(killed)])
-        straight = tmp_path / "straight" / "student"
-        main([*args, "--out", str(straight)])
-    finally:
-        torch.set_num_threads(threads)
+    straight = tmp_path / "straight" / "student"
+    resume_and_run_straight(args, killed, straight)
     a = load_file(str(straight / "model.safetensors"))
     b = load_file(str(killed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -398,3 +398,117 @@ def test_fp16_alone_is_written_from_an_fp32_reference_that_is_not_kept(tiny_expo
     with torch.inference_mode():
         torch_top1 = classifier(torch.from_numpy(samples.held_out))[0].argmax(dim=1).numpy()
     assert np.mean(fp16_top1 == torch_top1) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def photo_test_set(tmp_path_factory, tiny_export, make_blob):
+    """A real-test-set stand-in: an image folder of the export's classes (PNG files, 6 per class)."""
+    from synthdistill.evaluate.test_sets import image_folder_test_set
+
+    root = tmp_path_factory.mktemp("photos")
+    for label, name in enumerate(tiny_export.domain.classnames):
+        (root / name).mkdir()
+        for i in range(6):
+            make_blob(1000 + 10 * label + i).resize((80, 64)).save(root / name / f"{i}.png")
+    return image_folder_test_set(root, tiny_export.domain)
+
+
+def onnx_top1(path, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"images": images})[0].argmax(axis=1)
+
+
+def test_forms_are_also_checked_on_the_real_test_set_evaluate_ran_on(tiny_export, photo_test_set, tmp_path):
+    """The int8 form's agreement with fp32 on the test set's images, prepared as the deployed model
+    prepares a photo (predict's load_image), recomputed from the two written files."""
+    from synthdistill.deploy.predict import load_image
+    from synthdistill.evaluate.test_sets import spread_indices
+
+    out = tmp_path / "export"
+    config = ExportConfig(
+        formats=["onnx"],
+        precision=["fp32", "int8"],
+        min_agreement=0.05,
+        calibration_images=8,
+        agreement_images=20,
+        sample_images=str(tiny_export.root / "shards"),
+        bench=False,
+    )
+    summary = export_student(
+        tiny_export.student_dir, tiny_export.domain, out, config, test_sets=[photo_test_set]
+    )
+    (form,) = summary.forms
+    (tested,) = form.test_agreements
+    assert form.written and tested.test_set == photo_test_set.name and tested.images == 20
+
+    info = ModelInfo.from_json(json.loads((out / LABELS_NAME).read_text()), "labels.json")
+    files = [photo_test_set.images.samples[i][0] for i in spread_indices(30, 20)]
+    photos = np.stack([load_image(path, info) for path in files])
+    top1 = [onnx_top1(out / name, photos) for name in ("model.onnx", "model.int8.onnx")]
+    assert tested.agreement == pytest.approx(float(np.mean(top1[0] == top1[1])))
+    card = (out / CARD_NAME).read_text()
+    assert f"{tested.agreement:.1%} on 20 images of the {photo_test_set.name} test set" in card
+    assert summary.to_dict()["forms"]["int8"]["test_sets"] == {
+        photo_test_set.name: {"agreement": round(tested.agreement, 4), "images": 20}
+    }
+
+
+def test_a_form_that_agrees_on_synthetic_images_but_not_on_the_test_set_is_not_written(tiny_export, tmp_path):
+    """Held-out synthetic images on which int8 and fp32 agree, test images on which they do not: refused,
+    and the sentence names the test set."""
+    from synthdistill.deploy.forms import SampleImages, export_form, quantize_int8
+
+    out = tiny_export.out_dir
+    info = ModelInfo.from_json(json.loads((out / LABELS_NAME).read_text()), "labels.json")
+    samples = read_sample_images(tiny_export.root / "shards", info, 4, 64)
+    int8 = tmp_path / "probe.int8.onnx"
+    quantize_int8(out / "model.onnx", int8, samples.calibration)
+    same = onnx_top1(out / "model.onnx", samples.held_out) == onnx_top1(int8, samples.held_out)
+    assert same.any() and not same.all()  # the random tiny student's int8 form flips some images
+    agreeing = SampleImages(samples.source, samples.calibration, samples.held_out[same], [], [])
+    form = export_form(
+        "int8",
+        out / "model.onnx",
+        tmp_path / "model.int8.onnx",
+        info,
+        agreeing,
+        min_agreement=1.0,
+        test_images={"things test": samples.held_out},
+    )
+    assert form.agreement == 1.0 and form.test_agreements[0].agreement == pytest.approx(same.mean())
+    assert not form.written and not (tmp_path / "model.int8.onnx").exists()
+    assert "images of things test, below export.min_agreement=1" in form.refusal()
+
+
+def test_run_and_export_check_the_forms_on_the_test_sets_the_evaluation_read(tmp_path, make_blob):
+    """The real test sets evaluate reads go to export when evaluate ran and a fp16/int8 form is asked
+    for; a run of a user's own classes (evaluated on its synthetic images) and an fp32-only export
+    get none."""
+    from synthdistill.config import load_recipe
+    from synthdistill.pipeline import export_test_sets
+    from synthdistill.registry import get_dataset, resolve_domain
+
+    pets = tmp_path / "data" / "oxford-iiit-pet"
+    (pets / "images").mkdir(parents=True)
+    (pets / "annotations").mkdir()
+    names = get_dataset("pets").classnames
+    for i in range(3):
+        make_blob(i, 32).save(pets / "images" / f"{names[i].replace(' ', '_')}_{i}.jpg", format="JPEG")
+    lines = [f"{names[i].replace(' ', '_')}_{i} {i + 1} 1 1" for i in range(3)]
+    (pets / "annotations" / "test.txt").write_text("\n".join(lines) + "\n")
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+
+    def test_sets(*overrides: str, results=results) -> list[str]:
+        recipe = load_recipe(overrides=[f"evaluate.data_root={tmp_path / 'data'}", *overrides])
+        domain = resolve_domain(recipe.dataset, recipe.classes_file, recipe.superclass)
+        return [t.name for t in export_test_sets(recipe, domain, results)]
+
+    assert test_sets("dataset=pets", "export.precision=[fp32,int8]") == ["pets"]
+    assert test_sets("dataset=pets", "export.precision=[fp32,int8]", results=None) == []
+    assert test_sets("dataset=pets", "export.precision=[fp32]") == []
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    assert test_sets(f"classes_file={classes}", "export.precision=[int8]") == []
+    empty = tmp_path / "nothing"
+    assert test_sets("dataset=pets", "export.precision=[int8]", f"evaluate.data_root={empty}") == []

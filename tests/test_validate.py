@@ -3,17 +3,14 @@ checkpoints, the best epoch; and the chain's first stage checked before any work
 
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from synthdistill.cli import main
+import distill_runs
+from distill_runs import kill_after_first_checkpoint, resume_and_run_straight
 from synthdistill.config import DistillConfig
 from synthdistill.errors import SynthdistillError
 from synthdistill.evaluate import zero_shot_top1
@@ -32,19 +29,7 @@ PETS = get_dataset("pets").classnames
 
 
 def tiny_config(**overrides) -> DistillConfig:
-    settings = dict(
-        teacher="tiny",
-        teacher_pretrained=None,
-        student="tiny",
-        epochs=3,
-        batch_size=8,
-        lr=2e-3,
-        workers=0,
-        cache_views=2,
-        checkpoint_every=100,
-        log_every=3,
-    )
-    return DistillConfig(**{**settings, **overrides})
+    return distill_runs.tiny_config(**{"epochs": 3, "log_every": 3, **overrides})
 
 
 def write_pets(root: Path, labels: list[int], make_blob) -> Path:
@@ -237,29 +222,9 @@ def test_a_run_killed_at_an_epochs_end_resumes_to_the_same_validation_and_kept_c
         "--set", "evaluate.datasets=[pets]", "--set", f"evaluate.data_root={pets_root}",
         "--set", "evaluate.workers=0", "--set", "evaluate.batch_size=5",
     ]  # fmt: skip
-    killed = tmp_path / "killed" / "student"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "synthdistill", "-v", *args, "--out", str(killed)],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    for line in process.stderr:  # the first checkpoint is the one at the end of epoch 0 (step 6)
-        if line.startswith("checkpoint "):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the killed process ran: float sums depend on the thread count
-    try:
-        main([*args, "--out", str(killed)])
-        straight = tmp_path / "straight" / "student"
-        main([*args, "--out", str(straight)])
-    finally:
-        torch.set_num_threads(threads)
+    killed, straight = tmp_path / "killed" / "student", tmp_path / "straight" / "student"
+    kill_after_first_checkpoint(args, killed)
+    resume_and_run_straight(args, killed, straight)
 
     def outcome(student_dir: Path) -> tuple:
         kept = sorted((student_dir.parent / "checkpoints").glob("epoch-*"))

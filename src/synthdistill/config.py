@@ -410,7 +410,8 @@ class ExportConfig:
     )
     min_agreement: float = option(
         0.99,
-        "An fp16/int8 form is written only if its top-1 agreement with fp32 on held-out images reaches this.",
+        "An fp16/int8 form is written only if its top-1 agreement with fp32 reaches this on held-out "
+        "synthetic images and on the real test sets evaluate ran on.",
         bounds="(0, 1]",
     )
     sample_images: str | None = option(
@@ -420,7 +421,10 @@ class ExportConfig:
     )
     calibration_images: int = option(128, "Images int8 quantization is calibrated on.", bounds="[1, inf)")
     agreement_images: int = option(
-        500, "Held-out images (not calibration ones) each fp16/int8 form is checked on.", bounds="[1, inf)"
+        500,
+        "Held-out synthetic images (not calibration ones), and images per real test set, each fp16/int8 "
+        "form is checked on.",
+        bounds="[1, inf)",
     )
     bench: bool = option(True, "Measure ONNX Runtime latency of the student and the teacher's image tower.")
     bench_seconds: float = option(

@@ -44,6 +44,17 @@ def evaluates_own_shards(recipe: RecipeConfig, domain: Domain) -> bool:
     return not recipe.evaluate.datasets and not recipe.evaluate.image_folder and domain.eval is None
 
 
+def export_test_sets(recipe: RecipeConfig, domain: Domain, results: Path | None) -> list:
+    """The real test sets the run's evaluation read, for export to check its fp16/int8 forms on; none
+    when evaluate has not run (no ``results``), evaluated the run's own shards, or no fp16/int8 form
+    is asked for."""
+    if results is None or not set(recipe.export.precision) - {"fp32"} or evaluates_own_shards(recipe, domain):
+        return []
+    from synthdistill.evaluate.stage import test_sets_for_export
+
+    return test_sets_for_export(recipe.evaluate, domain)
+
+
 def stage_identities(recipe: RecipeConfig, domain: Domain, device_type: str) -> dict[str, str]:
     """Each stage's output identity: its own result settings and every upstream stage's identity.
     ``device_type`` ('cpu', 'cuda') resolves ``precision: auto``."""
@@ -129,12 +140,14 @@ def _stage_runners(recipe: RecipeConfig, domain: Domain, run: RunDir) -> dict[st
         from synthdistill.deploy.export import export_student
 
         results = run.eval / "results.json"
+        results = results if results.is_file() else None
         return export_student(
             run.student,
             domain,
             run.export,
             recipe.export,
-            eval_results=results if results.is_file() else None,
+            eval_results=results,
+            test_sets=export_test_sets(recipe, domain, results),
             device=recipe.device,
         )
 

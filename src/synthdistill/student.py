@@ -245,19 +245,9 @@ class Student(nn.Module):
         """PIL image -> (3, S, S) tensor as this student takes it: resized, centre-cropped and
         CLIP-normalised as its config.json records, like open_clip's ``preprocess_val``. (An exported
         ONNX model takes RGB in [0, 1] instead and normalises inside.)"""
-        import open_clip
-
-        p = self.config.preprocessing
-        if p is None:
+        if self.config.preprocessing is None:
             raise SynthdistillError("This student records no preprocessing; save it again with save_student.")
-        return open_clip.image_transform(
-            p.image_size,
-            is_train=False,
-            mean=p.mean,
-            std=p.std,
-            resize_mode=p.resize_mode,
-            interpolation=p.interpolation,
-        )
+        return self.config.preprocessing.eval_transform()
 
 
 def student_config(

@@ -28,6 +28,20 @@ class Preprocessing:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
 
+    def eval_transform(self) -> Callable:
+        """PIL image -> (3, S, S) normalised tensor: resize (shortest side by default), centre crop,
+        normalise; open_clip's own validation transform, so a student and its teacher are prepared alike."""
+        import open_clip
+
+        return open_clip.image_transform(
+            self.image_size,
+            is_train=False,
+            mean=self.mean,
+            std=self.std,
+            resize_mode=self.resize_mode,
+            interpolation=self.interpolation,
+        )
+
 
 @dataclass
 class Teacher:

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=("fp32", "fp16", "int8"),
         help="ONNX forms to write (recipe key: export.precision; default fp32); fp16 and int8 are kept "
-        "only if they agree with fp32 on export.min_agreement of held-out synthetic images.",
+        "only if they agree with fp32 on export.min_agreement of held-out synthetic images (and of the "
+        "real test sets, when evaluate ran on them).",
     )
     parser.add_argument(
         "--no-bench",
@@ -57,6 +58,7 @@ def export_command(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from synthdistill.deploy.export import export_student
+    from synthdistill.pipeline import export_test_sets
     from synthdistill.rundir import RunDir
 
     recipe = recipe_from_args(
@@ -70,12 +72,15 @@ def export_command(args: argparse.Namespace) -> None:
     )
     run = RunDir(recipe.run_path)
     eval_results = Path(args.eval_results) if args.eval_results else run.eval / "results.json"
+    eval_results = eval_results if args.eval_results or eval_results.is_file() else None
+    domain = domain_of(recipe)
     summary = export_student(
         Path(args.student) if args.student else run.student,
-        domain_of(recipe),
+        domain,
         Path(args.out) if args.out else run.export,
         recipe.export,
-        eval_results=eval_results if args.eval_results or eval_results.is_file() else None,
+        eval_results=eval_results,
+        test_sets=export_test_sets(recipe, domain, eval_results),
         device=recipe.device,
     )
     for name, path in summary.files.items():
@@ -89,9 +94,12 @@ def export_command(args: argparse.Namespace) -> None:
     )
     for form in summary.forms:
         if form.written:
+            tests = "".join(
+                f", {t.agreement:.1%} on {t.images} of {t.test_set}" for t in form.test_agreements
+            )
             print(
                 f"{form.precision}: top-1 agreement with fp32 {form.agreement:.1%} "
-                f"on {form.held_out_images} held-out images"
+                f"on {form.held_out_images} held-out synthetic images{tests}"
             )
         else:
             print(form.refusal())

@@ -140,7 +140,9 @@ def render_views(
         # uint8 channels-last contiguous: torch's vectorised antialiased path (a strided crop is
         # resized to the same values, at twice the cost)
         crop = crop.contiguous(memory_format=torch.channels_last) if on_cpu else crop.float()
-        view = F.interpolate(crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False)[0]
+        view = F.interpolate(
+            crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False
+        )[0]
         slot.copy_(view.flip(-1) if flip else view)
     if not on_cpu:
         batch = batch.round_().clamp_(0, 255)

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from synthdistill.deploy.forms import (
     export_form,
     read_sample_images,
     save_with_metadata,
+    test_set_images,
 )
 from synthdistill.deploy.latency import (
     LATENCY_BATCHES,
@@ -55,6 +56,7 @@ from synthdistill.deploy.predict import (
 from synthdistill.deploy.zero_shot import ZeroShotClassifier, classifier_for_domain, run_head_cache
 from synthdistill.errors import SynthdistillError
 from synthdistill.evaluate import Entry, EvaluationResults
+from synthdistill.evaluate.test_sets import TestSet
 from synthdistill.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json, temporary_name
 from synthdistill.identity import teacher_tower_identity
 from synthdistill.registry import Domain
@@ -494,7 +496,7 @@ def _latency_lines(info: ModelInfo, summary: ExportSummary, teacher: str) -> lis
             )
             name = f"student `{info.student}`" if model == "student" else f"teacher `{teacher}`"
             form = agreement.get(precision) if model == "student" else None
-            agrees = f"{form.agreement:.1%} ({form.held_out_images} images)" if form else ""
+            agrees = _agreement_cell(form) if form else ""
             if model == "student" and precision == "fp32":
                 agrees = "reference"
             lines.append(f"| {name} | {precision} | " + " | ".join(cells) + f" | {speedup} | {agrees} |")
@@ -512,6 +514,12 @@ def _latency_lines(info: ModelInfo, summary: ExportSummary, teacher: str) -> lis
     return lines[:-1]
 
 
+def _agreement_cell(form: FormResult) -> str:
+    """'99.2% (500 images)', then the agreement on each real test set it was checked on."""
+    tests = "".join(f"; {t.test_set}: {t.agreement:.1%} ({t.images})" for t in form.test_agreements)
+    return f"{form.agreement:.1%} ({form.held_out_images} images){tests}"
+
+
 def _forms_lines(summary: ExportSummary) -> list[str]:
     lines = []
     fp32 = summary.max_difference.get("onnx")
@@ -527,10 +535,14 @@ def _forms_lines(summary: ExportSummary) -> list[str]:
             else "fp16 weights and arithmetic, fp32 input and outputs (for GPU runtimes); "
         )
         if form.written:
+            on_tests = "".join(
+                f", {t.agreement:.1%} on {t.images} images of the {t.test_set} test set"
+                for t in form.test_agreements
+            )
             lines.append(
                 f"- {form.precision} `{form.path.name}`: {how}top-1 agreement with fp32 "
-                f"{form.agreement:.1%} on "
-                f"{form.held_out_images} held-out synthetic images (threshold {form.min_agreement:.0%})."
+                f"{form.agreement:.1%} on {form.held_out_images} held-out synthetic images{on_tests} "
+                f"(threshold {form.min_agreement:.0%})."
             )
         else:
             lines.append(f"- {form.precision}: {form.refusal()}")
@@ -730,13 +742,16 @@ def export_student(
     config: ExportConfig,
     *,
     eval_results: Path | None = None,
+    test_sets: Sequence[TestSet] = (),
     device: str = "cpu",
 ) -> ExportSummary:
     """Export a student folder as a zero-shot classifier over ``domain`` into ``out_dir``.
 
     Writes the formats in ``config.formats`` (each verified against PyTorch, within ``config.atol``),
     the ONNX forms in ``config.precision`` (fp16/int8 each kept only if it agrees with fp32 on
-    ``config.min_agreement`` of held-out synthetic images), ``labels.json`` and ``MODEL_CARD.md``.
+    ``config.min_agreement`` of held-out synthetic images and of up to ``config.agreement_images``
+    images of each of ``test_sets``, the real test sets evaluate ran on), ``labels.json`` and
+    ``MODEL_CARD.md``.
     ``device`` only serves the teacher's text embeddings for the head; exports, FLOP counts and
     latency run on the CPU (latency on CUDA too when onnxruntime has it).
     """
@@ -782,10 +797,17 @@ def export_student(
                 samples = read_sample_images(
                     sample_source, info, config.calibration_images, config.agreement_images
                 )
+                test_images = {t.name: test_set_images(t, info, config.agreement_images) for t in test_sets}
             for precision in extra_forms:
                 progress.set_postfix_str(f"onnx {precision}")
                 form = export_form(
-                    precision, reference, out_dir / onnx_name(precision), info, samples, config.min_agreement
+                    precision,
+                    reference,
+                    out_dir / onnx_name(precision),
+                    info,
+                    samples,
+                    config.min_agreement,
+                    test_images,
                 )
                 forms.append(form)
                 if form.written:

@@ -3,7 +3,8 @@
 fp16 (onnxruntime's float16 converter, for GPU runtimes) and int8 (onnxruntime's static
 quantization, calibrated on the run's own synthetic images) each trade accuracy for speed; the
 trade is measured as top-1 agreement with the fp32 model on synthetic images the calibration never
-saw, and a form below the threshold is not written.
+saw, and on the real test sets evaluate ran on when they are given; a form below the threshold on
+any of them is not written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import dataclasses
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +36,20 @@ _AGREEMENT_BATCH = 32
 
 
 @dataclass
+class TestAgreement:
+    """A form's top-1 agreement with the fp32 model on the images of one real test set."""
+
+    __test__ = False  # not a pytest test class
+
+    test_set: str
+    agreement: float
+    images: int
+
+
+@dataclass
 class FormResult:
-    """An fp16 or int8 form of the ONNX model and its own check: top-1 agreement with the fp32 model."""
+    """An fp16 or int8 form of the ONNX model and its own check: top-1 agreement with the fp32 model
+    on held-out synthetic images, and on each real test set it was given."""
 
     precision: str
     path: Path | None
@@ -43,16 +57,19 @@ class FormResult:
     held_out_images: int
     calibration_images: int
     min_agreement: float
+    test_agreements: list[TestAgreement] = field(default_factory=list)
 
     @property
     def written(self) -> bool:
         return self.path is not None
 
     def refusal(self) -> str:
+        measured = [f"{self.agreement:.1%} on {self.held_out_images} held-out synthetic images"]
+        measured += [f"{t.agreement:.1%} on {t.images} images of {t.test_set}" for t in self.test_agreements]
         return (
             f"The {self.precision} ONNX model was not written: its top-1 agreement with the fp32 model is "
-            f"{self.agreement:.1%} on {self.held_out_images} held-out synthetic images, below "
-            f"export.min_agreement={self.min_agreement:g}; lower the threshold or leave {self.precision} out."
+            f"{' and '.join(measured)}, below export.min_agreement={self.min_agreement:g} on at least one; "
+            f"lower the threshold or leave {self.precision} out."
         )
 
     def to_dict(self) -> dict:
@@ -61,6 +78,10 @@ class FormResult:
             "agreement": round(self.agreement, 4),
             "held_out_images": self.held_out_images,
             "calibration_images": self.calibration_images,
+            "test_sets": {
+                t.test_set: {"agreement": round(t.agreement, 4), "images": t.images}
+                for t in self.test_agreements
+            },
         }
 
 
@@ -201,11 +222,37 @@ def read_sample_images(source: Path, info: ModelInfo, calibration: int, held_out
     )
 
 
+def test_set_images(test_set, info: ModelInfo, count: int) -> np.ndarray:
+    """Up to ``count`` readable images of a real test set (an evaluate :class:`~synthdistill.evaluate.
+    test_sets.TestSet`), spread over it, prepared as the deployed model's input: (N, 3, S, S)."""
+    from synthdistill.evaluate.test_sets import make_loader
+
+    loader = make_loader(
+        test_set, [lambda image: prepare_image(image, info)], _AGREEMENT_BATCH, max_images=count
+    )
+    arrays: list[np.ndarray] = []
+    for batch in loader:
+        if batch.images:  # (one transform) -> its (B, 3, S, S) tensor
+            arrays.append(batch.images[0].numpy())
+        if sum(len(a) for a in arrays) >= count:  # a mirror is read in order: stop after count
+            break
+    if not arrays:
+        raise SynthdistillError(f"No readable image in {test_set.source} to check the fp16/int8 forms on.")
+    return np.concatenate(arrays)[:count]
+
+
 def export_form(
-    precision: str, fp32_path: Path, path: Path, info: ModelInfo, samples: SampleImages, min_agreement: float
+    precision: str,
+    fp32_path: Path,
+    path: Path,
+    info: ModelInfo,
+    samples: SampleImages,
+    min_agreement: float,
+    test_images: Mapping[str, np.ndarray] | None = None,
 ) -> FormResult:
     """Write the ``precision`` form of ``fp32_path`` to ``path`` if its top-1 agreement with the fp32
-    model on the held-out images reaches ``min_agreement``; otherwise write nothing."""
+    model reaches ``min_agreement`` on the held-out images and on each of ``test_images`` (test set
+    name -> prepared images); otherwise write nothing."""
     onnx, _ = require_export_extra()
     tmp = temporary_name(path)
     try:
@@ -215,7 +262,11 @@ def export_form(
             convert_fp16(fp32_path, tmp)
         save_with_metadata(onnx.load(str(tmp)), tmp, dataclasses.replace(info, precision=precision))
         agreement = top1_agreement(fp32_path, tmp, samples.held_out)
-        written = agreement >= min_agreement
+        tests = [
+            TestAgreement(name, top1_agreement(fp32_path, tmp, images), len(images))
+            for name, images in (test_images or {}).items()
+        ]
+        written = min([agreement] + [t.agreement for t in tests]) >= min_agreement
         if written:
             os.replace(tmp, path)
     finally:
@@ -227,4 +278,5 @@ def export_form(
         held_out_images=len(samples.held_out),
         calibration_images=len(samples.calibration) if precision == "int8" else 0,
         min_agreement=min_agreement,
+        test_agreements=tests,
     )

@@ -94,18 +94,8 @@ class Batch:
 
 
 def validation_transform(preprocessing: Preprocessing) -> Callable:
-    """A model's evaluation preprocessing: resize (shortest side by default), center crop, normalise;
-    open_clip's own validation transform, so a student and its teacher are prepared alike."""
-    import open_clip
-
-    return open_clip.image_transform(
-        preprocessing.image_size,
-        is_train=False,
-        mean=preprocessing.mean,
-        std=preprocessing.std,
-        resize_mode=preprocessing.resize_mode,
-        interpolation=preprocessing.interpolation,
-    )
+    """A model's evaluation preprocessing (:meth:`Preprocessing.eval_transform`)."""
+    return preprocessing.eval_transform()
 
 
 def _expected_files(spec: EvalSpec) -> list[str]:
@@ -256,16 +246,7 @@ def _imagenet100(domain: Domain, root: Path) -> TestSet:
         images = WnidImageFolder(folder, domain.wnids)
     except FileNotFoundError as e:
         raise SynthdistillError(f"ImageNet-100 folder '{folder}' is incomplete: {e}".rstrip()) from None
-    return TestSet(
-        name=domain.name,
-        source=f"torchvision ImageFolder {folder} ({len(domain.wnids)} wnids)",
-        classnames=domain.classnames,
-        templates=domain.templates,
-        headline_metric=domain.headline_metric,
-        num_images=len(images),
-        images=images,
-        dataset=domain.name,
-    )
+    return _registry_images(domain, images, f"torchvision ImageFolder {folder} ({len(domain.wnids)} wnids)")
 
 
 def _check_classes(domain: Domain, spec: EvalSpec, root: Path, classes: Sequence[str]) -> None:
@@ -318,9 +299,14 @@ def _torchvision_test_set(domain: Domain, root: Path, download: bool) -> TestSet
         ) from None
     if spec.torchvision_class in ("Food101", "DTD", "FGVCAircraft", "StanfordCars"):
         _check_classes(domain, spec, root, images.classes)
+    return _registry_images(domain, images, f"torchvision {spec.torchvision_class} {spec.split} ({root})")
+
+
+def _registry_images(domain: Domain, images: Dataset, source: str) -> TestSet:
+    """A registry dataset's test images with its classes, templates and headline metric."""
     return TestSet(
         name=domain.name,
-        source=f"torchvision {spec.torchvision_class} {spec.split} ({root})",
+        source=source,
         classnames=domain.classnames,
         templates=domain.templates,
         headline_metric=domain.headline_metric,

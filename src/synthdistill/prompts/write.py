@@ -298,11 +298,9 @@ def write_prompts(
     def registry_superclass(class_index: int) -> str:
         return domain.superclass_of(classnames[class_index])
 
-    if generator == "plain":
-        records = _plain_records(domain, per_class, seed)
-    elif generator == "template":
-        registry_options = {d: o[:options_per_dimension] for d, o in domain.contextual_dimensions.items()}
-        records = _design_records(
+    def design_records(options_of, superclass_of) -> list:
+        """The all-pairs design's prompts, with each class's options and superclass from these."""
+        return _design_records(
             domain,
             generator,
             True,
@@ -310,9 +308,15 @@ def write_prompts(
             design,
             per_class,
             seed,
-            lambda _: registry_options,
-            registry_superclass,
+            options_of,
+            superclass_of,
         )
+
+    if generator == "plain":
+        records = _plain_records(domain, per_class, seed)
+    elif generator == "template":
+        registry_options = {d: o[:options_per_dimension] for d, o in domain.contextual_dimensions.items()}
+        records = design_records(lambda _: registry_options, registry_superclass)
     else:
         chat = chat_model or load_chat_model(config.llm, device, config.llm_batch_size)
         key = llm_progress_identity(domain, config, seed, resolve_device(device).type, PROGRESS_FORMAT)
@@ -323,17 +327,7 @@ def write_prompts(
             found = paper.ask_paper_options(
                 domain, chat, options_per_dimension, sampling, config.llm_retries, seed, progress
             )
-            records = _design_records(
-                domain,
-                generator,
-                True,
-                config.weight_whole_phrases,
-                design,
-                per_class,
-                seed,
-                lambda i: found.options[i],
-                lambda i: found.superclasses[i],
-            )
+            records = design_records(lambda i: found.options[i], lambda i: found.superclasses[i])
             summary_extra.update(
                 superclass_answers=found.superclass_answers if domain.domain_word else None,
                 option_answers=found.option_answers,
