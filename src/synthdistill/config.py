@@ -288,6 +288,14 @@ class DistillConfig:
         hashed=False,
         choices=("auto", "decoded", "workers"),
     )
+    stream_decode: str = option(
+        "workers",
+        "train_data: where the images are decoded: workers (PIL decodes, crops and resizes in the "
+        "data-loader workers) or device (the workers read only the bytes and draw the same crop boxes; "
+        "the training device decodes the JPEGs in batches, nvjpeg on CUDA, and crops and resizes there). "
+        "A result setting: torch's resize differs from PIL's by a grey level or so.",
+        choices=("workers", "device"),
+    )
     cache_teacher: bool = option(
         True, "Embed fixed augmented views once with the teacher and replay them (not for train_data)."
     )
@@ -673,6 +681,12 @@ def validate(recipe: RecipeConfig) -> None:
         raise ConfigError(
             "'distill.resampled' draws shards of 'distill.train_data' until 'distill.train_num_samples' "
             "samples make an epoch; set both, or resampled=false."
+        )
+    if distill.stream_decode == "device" and not distill.train_data:
+        raise ConfigError(
+            "distill.stream_decode=device decodes streamed distill.train_data on the device, and the run's "
+            "shards are decoded by distill.input instead; set distill.train_data, or "
+            "distill.stream_decode=workers."
         )
 
 

@@ -55,7 +55,7 @@ LLM_GENERATORS = ("llm", "paper")
 CACHE_SETTINGS = ("cache_views", "cache_dtype")
 """Distill settings read only with ``cache_teacher: true``."""
 
-STREAM_SETTINGS = ("train_num_samples", "resampled", "shuffle_buffer")
+STREAM_SETTINGS = ("train_num_samples", "resampled", "shuffle_buffer", "stream_decode")
 """Distill settings read only with ``train_data``."""
 
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from synthdistill.data.encoded import EncodedImages, read_header
 from synthdistill.errors import SynthdistillError, setting
 from synthdistill.runtime import derive_seed
 from synthdistill.shards import IMAGE_EXTENSIONS, decode_image, list_shards, read_index
@@ -63,6 +64,7 @@ GOPEN_SCHEMES = ("", "file", "pipe", "http", "https")
 MAX_FAILED_SHARDS_IN_A_ROW = 100
 
 Transform = Callable[[Image.Image], torch.Tensor]
+"""RGB image -> (3, H, W) tensor; for an ``encoded`` source: header-only image -> its crop box."""
 
 
 # ----------------------------------------------------------------------------- shards and URLs
@@ -271,7 +273,7 @@ class _WorkerBatch:
     """What a worker sends: a batch, the shards it completed, the worker's counters so far."""
 
     worker: int
-    images: torch.Tensor | None
+    images: torch.Tensor | EncodedImages | None
     texts: list[str] | None
     keys: list[str]
     finished: list[int]
@@ -315,15 +317,24 @@ class _EpochStream(IterableDataset):
 
     Per worker: shard events (samples, end-of-shard markers) -> shuffle buffer -> decode -> batches.
     An end-of-shard marker leaves the buffer right after the shard's last sample, so the batch that
-    carries it is the one that completes the shard.
+    carries it is the one that completes the shard. ``encoded``: only the header is read, and the
+    batch holds the files with the transform's crop boxes (:class:`EncodedImages`).
     """
 
     def __init__(
-        self, shards: Shards, plan: _Plan, batch_size: int, transform: Transform, need_text: bool, buffer: int
+        self,
+        shards: Shards,
+        plan: _Plan,
+        batch_size: int,
+        transform: Transform,
+        need_text: bool,
+        buffer: int,
+        encoded: bool = False,
     ):
         super().__init__()
         self.shards, self.plan, self.batch_size = shards, plan, batch_size
         self.transform, self.need_text, self.buffer = transform, need_text, max(1, buffer)
+        self.encoded = encoded
 
     def __iter__(self) -> Iterator[_WorkerBatch]:
         info = get_worker_info()
@@ -342,7 +353,8 @@ class _EpochStream(IterableDataset):
             if isinstance(item, _ShardEnd):
                 finished.append(item.shard)
                 continue
-            image = decode_image(next((item.files[e] for e in IMAGE_EXTENSIONS if e in item.files), b""))
+            data = next((item.files[e] for e in IMAGE_EXTENSIONS if e in item.files), b"")
+            image = read_header(data) if self.encoded else decode_image(data)
             if image is None:
                 stats.corrupt += 1
                 continue
@@ -350,7 +362,7 @@ class _EpochStream(IterableDataset):
             if self.need_text and text is None:
                 stats.no_text += 1
                 continue
-            images.append(self.transform(image))
+            images.append((data, self.transform(image)) if self.encoded else self.transform(image))
             texts.append(text)
             keys.append(item.key)
             stats.samples += 1
@@ -363,9 +375,15 @@ class _EpochStream(IterableDataset):
         yield self._batch(worker, images, texts, keys, finished, stats, last=True)
 
     def _batch(self, worker, images, texts, keys, finished, stats, last=False) -> _WorkerBatch:
+        if not images:
+            batched = None
+        elif self.encoded:
+            batched = EncodedImages.of(*zip(*images, strict=True))
+        else:
+            batched = torch.stack(images)
         return _WorkerBatch(
             worker=worker,
-            images=torch.stack(images) if images else None,
+            images=batched,
             texts=texts if self.need_text else None,
             keys=keys,
             finished=finished,
@@ -443,12 +461,13 @@ class _EpochStream(IterableDataset):
 class TrainBatch:
     """One training batch of this rank.
 
-    ``images`` (B, 3, H, W) as the transform made them; ``texts`` the B captions when the source was
-    built with ``need_text``, else None; ``keys`` the samples' keys. ``padding`` marks a repeated
-    batch that keeps this rank in step with ranks that still have data (exact epochs only).
+    ``images`` (B, 3, H, W) as the transform made them (an ``encoded`` source: the B files with
+    their crop boxes); ``texts`` the B captions when the source was built with ``need_text``, else
+    None; ``keys`` the samples' keys. ``padding`` marks a repeated batch that keeps this rank in step
+    with ranks that still have data (exact epochs only).
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | EncodedImages
     texts: list[str] | None
     keys: list[str]
     padding: bool = False
@@ -484,7 +503,9 @@ class _Tail:
                 finished += self.pieces.pop(0).finished
         texts = None if parts[0].texts is None else [t for p in parts for t in p.texts]
         keys = [k for p in parts for k in p.keys]
-        return TrainBatch(torch.cat([p.images for p in parts]), texts, keys), finished
+        images = [p.images for p in parts]
+        joined = EncodedImages.cat(images) if isinstance(images[0], EncodedImages) else torch.cat(images)
+        return TrainBatch(joined, texts, keys), finished
 
 
 @dataclass
@@ -523,17 +544,19 @@ class TrainSource:
         shuffle_buffer: int,
         need_text: bool,
         pin_memory: bool,
+        encoded: bool = False,
     ):
         self.spec, self.shards, self.num_samples = spec, shards, num_samples
         self.batch_size, self.transform, self.need_text = batch_size, transform, need_text
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.resampled = seed, resampled
-        self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
+        self.shuffle_buffer, self.pin_memory, self.encoded = shuffle_buffer, pin_memory, encoded
         self.fingerprint = hashlib.sha256("\n".join(shards.names).encode("utf-8")).hexdigest()[:16]
         self._progress = _Progress()
         self._restored: _Progress | None = None
         self._worker_stats: dict[int, SourceStats] = {}
         self._padding_batches = 0
+        self._undecodable = 0  # encoded samples the training device could not decode, this epoch
         self._group = None
         self._distributed = dist.is_available() and dist.is_initialized() and world_size > 1
         if self._distributed:
@@ -564,7 +587,9 @@ class TrainSource:
     @property
     def stats(self) -> SourceStats:
         """This rank's counters for the current (or last) epoch, summed over its workers."""
-        total = SourceStats(padding_batches=self._padding_batches)
+        total = SourceStats(
+            samples=-self._undecodable, corrupt=self._undecodable, padding_batches=self._padding_batches
+        )
         for worker_stats in self._worker_stats.values():
             total = total + worker_stats
         return total
@@ -573,6 +598,11 @@ class TrainSource:
     def worker_stats(self) -> dict[int, SourceStats]:
         """The counters of each data-loader worker of this rank (worker id -> counters)."""
         return dict(self._worker_stats)
+
+    def count_undecodable(self, count: int) -> None:
+        """Count ``count`` samples of a batch of this epoch whose files did not decode after all
+        (an ``encoded`` source): corrupt, not trained on."""
+        self._undecodable += count
 
     def reduce_stats(self) -> SourceStats:
         """The counters summed over all ranks (a collective when distributed)."""
@@ -590,7 +620,7 @@ class TrainSource:
         restored = self._restored if self._restored and self._restored.epoch == epoch else None
         self._restored = None
         self._progress = restored or _Progress(epoch=epoch)
-        self._worker_stats, self._padding_batches = {}, 0
+        self._worker_stats, self._padding_batches, self._undecodable = {}, 0, 0
         loader = self._loader(self._plan(epoch))
         real = self._rank_batches(loader)
         last: TrainBatch | None = None
@@ -682,7 +712,13 @@ class TrainSource:
 
     def _stream(self, plan: _Plan) -> _EpochStream:
         return _EpochStream(
-            self.shards, plan, self.batch_size, self.transform, self.need_text, self.shuffle_buffer
+            self.shards,
+            plan,
+            self.batch_size,
+            self.transform,
+            self.need_text,
+            self.shuffle_buffer,
+            self.encoded,
         )
 
     def _loader(self, plan: _Plan) -> DataLoader:
@@ -746,6 +782,7 @@ def build_train_source(
     shuffle_buffer: int = 5000,
     need_text: bool = False,
     pin_memory: bool = False,
+    encoded: bool = False,
 ) -> TrainSource:
     """The training data named by ``spec``, for one rank.
 
@@ -756,7 +793,11 @@ def build_train_source(
     (3, H, W) tensor and runs in the workers. ``num_samples`` (all ranks together) defines a
     resampled epoch and is otherwise only an estimate for :attr:`TrainSource.batches_per_epoch`
     (defaulting to the count a shard folder's index or an image folder gives). ``need_text`` keeps
-    only samples with a caption (``.txt``, or ``caption``/``prompt`` in ``.json``).
+    only samples with a caption (``.txt``, or ``caption``/``prompt`` in ``.json``). ``encoded``:
+    the workers decode nothing; ``transform`` maps an image whose header alone was read to its
+    (top, left, height, width) crop box, and batches hold :class:`EncodedImages` for the training
+    device to decode (:func:`synthdistill.data.encoded.decode_crops`; count what does not decode
+    with :meth:`TrainSource.count_undecodable`).
 
     When torch.distributed is initialised with ``world_size > 1``, every rank must call this
     together (it may create a gloo group for the data bookkeeping).
@@ -794,6 +835,7 @@ def build_train_source(
         shuffle_buffer=shuffle_buffer,
         need_text=need_text,
         pin_memory=pin_memory,
+        encoded=encoded,
     )
 
 

@@ -9,8 +9,9 @@ and resumes, whichever source the images come from.
   features; without it the teacher embeds view e in the loop.
 - :class:`StreamTrainData`, ``distill.train_data`` (WebDataset URLs, a shard folder, an image
   folder) streamed by :mod:`synthdistill.data.stream`: random uint8 crops made in the data-loader
-  workers, normalised on the device, the teacher in the loop, captions as the texts of vl/mpc,
-  resumable per shard.
+  workers (or, ``distill.stream_decode=device``, the JPEGs decoded and cropped on the device, see
+  :mod:`synthdistill.data.encoded`), normalised on the device, the teacher in the loop, captions as
+  the texts of vl/mpc, resumable per shard.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from synthdistill.data.augment import (
     view_loader,
 )
 from synthdistill.data.decoded import DecodedImages
-from synthdistill.data.stream import SourceStats, TrainSource, build_train_source
+from synthdistill.data.encoded import EncodedImages, decode_crops
+from synthdistill.data.stream import SourceStats, TrainBatch, TrainSource, build_train_source
 from synthdistill.errors import SynthdistillError, setting
 from synthdistill.losses import caption_ids
 from synthdistill.registry import Domain
@@ -324,6 +326,7 @@ class RandomCrop:
 
     The box comes from torch's RNG, which the data loader seeds per worker from the stream's
     seed (per seed, epoch, rank): a seed gives the same crops. Picklable, for the workers.
+    :meth:`box` alone needs only the image's size (its header), for the device-decode path.
     """
 
     size: int
@@ -331,8 +334,12 @@ class RandomCrop:
     ratio: tuple[float, float]
     interpolation: str
 
+    def box(self, image: Image.Image) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of a random crop of ``image``, drawn from torch's RNG."""
+        return RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        top, left, height, width = self.box(image)
         resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
         crop = image.resize((self.size, self.size), resample, box=(left, top, left + width, top + height))
         return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)
@@ -356,10 +363,19 @@ class StreamTrainData:
     """Streamed ``distill.train_data`` as :class:`TrainData`: crops made in the data-loader workers
     at the larger of the two models' input sizes, the teacher's features (and, for vl/mpc, its
     embeddings of the captions) computed in the step. Resumes per shard (see :mod:`synthdistill.data.stream`).
+
+    ``device_crop``: the source is ``encoded``; its batches are decoded on the teacher's device and
+    cropped there to ``device_crop``'s size and interpolation (the boxes came with them).
     """
 
     def __init__(
-        self, source: TrainSource, teacher: Teacher, image_size: int, precision: str, needs_text: bool
+        self,
+        source: TrainSource,
+        teacher: Teacher,
+        image_size: int,
+        precision: str,
+        needs_text: bool,
+        device_crop: RandomCrop | None = None,
     ):
         if source.batches_per_epoch is None:
             raise SynthdistillError(
@@ -368,8 +384,8 @@ class StreamTrainData:
                 "schedule and the ETA count steps."
             )
         self.source, self.teacher, self.image_size = source, teacher, image_size
-        self.precision, self.needs_text = precision, needs_text
-        self.input = "stream"
+        self.precision, self.needs_text, self.device_crop = precision, needs_text, device_crop
+        self.input = "stream" if device_crop is None else "stream-device-decode"
         self.identity = source.fingerprint  # any number of ranks resumes it: the rest is split anew
 
     @property
@@ -383,6 +399,8 @@ class StreamTrainData:
     def epoch(self, epoch: int) -> Iterator[TrainStep]:
         device = self.teacher.device
         for batch in self.source.epoch(epoch):
+            if isinstance(batch.images, EncodedImages):
+                batch = self._decoded(batch, device)
             images = normalise(batch.images.to(device, non_blocking=True), self.teacher.preprocessing)
             targets = teacher_features(
                 self.teacher, resize_square(images, self.teacher.preprocessing.image_size), self.precision
@@ -399,6 +417,24 @@ class StreamTrainData:
                 text_ids=caption_ids(batch.texts, device) if self.needs_text else None,
                 padding=batch.padding,
             )
+
+    def _decoded(self, batch: TrainBatch, device: torch.device) -> TrainBatch:
+        """The batch with its files decoded and cropped on ``device``: (K, 3, S, S) uint8, the
+        samples whose image does not decode dropped and counted as corrupt (once: not again when
+        the batch is repeated as padding)."""
+        crops, kept = decode_crops(
+            batch.images, self.device_crop.size, self.device_crop.interpolation, device
+        )
+        if len(kept) < len(batch.keys) and not batch.padding:
+            self.source.count_undecodable(len(batch.keys) - len(kept))
+        if not kept:
+            raise SynthdistillError(
+                f"No image of a batch of '{self.source.spec}' decodes ({', '.join(batch.keys[:8])}, ...): "
+                "the data look damaged; check them, or decode in the workers with "
+                f"{setting('distill.stream_decode', 'workers')}, which skips them."
+            )
+        texts = None if batch.texts is None else [batch.texts[i] for i in kept]
+        return TrainBatch(crops, texts, [batch.keys[i] for i in kept], batch.padding)
 
     def state_dict(self) -> dict:
         return self.source.state_dict()
@@ -427,10 +463,11 @@ def open_stream_data(
         tuple(config.aug_ratio),
         config.aug_interpolation,
     )
+    on_device = config.stream_decode == "device"
     source = build_train_source(
         config.train_data,
         batch_size=config.batch_size // env.world_size,
-        transform=crop,
+        transform=crop.box if on_device else crop,
         num_samples=config.train_num_samples,
         rank=env.rank,
         world_size=env.world_size,
@@ -440,5 +477,8 @@ def open_stream_data(
         shuffle_buffer=config.shuffle_buffer,
         need_text=needs_text,
         pin_memory=device.type == "cuda",
+        encoded=on_device,
     )
-    return StreamTrainData(source, teacher, image_size, config.precision, needs_text)
+    return StreamTrainData(
+        source, teacher, image_size, config.precision, needs_text, device_crop=crop if on_device else None
+    )
