@@ -1,7 +1,7 @@
 """CUDA-only checks (``pytest -m cuda``; skipped without a GPU): bf16 distillation, fused AdamW,
 DDP over NCCL, export of a CUDA-trained student, SDXL-shaped fp16 generation, a Llama-shaped bf16
-chat model. Random weights of the real architectures: no download. ``benchmarks/gpu_check.py``
-runs them."""
+chat model, streamed JPEGs decoded with nvjpeg. Random weights of the real architectures: no
+download. ``benchmarks/gpu_check.py`` runs them."""
 
 from __future__ import annotations
 
@@ -130,3 +130,34 @@ def test_llama_shaped_bf16_chat_model_generates_tokens():
     assert output.shape[1] == inputs["input_ids"].shape[1] + 8
     del model
     torch.cuda.empty_cache()
+
+
+def test_streamed_jpegs_decode_with_nvjpeg_as_on_the_cpu(tmp_path, make_blob):
+    from synthdistill.data.encoded import EncodedImages, decode_crops
+    from synthdistill.shards import ShardWriter
+    from synthdistill.train import distill_student
+    from test_distill import losses
+    from test_stream_decode import encoded
+
+    files = [encoded(make_blob(i, 96), "JPEG") for i in range(6)] + [
+        encoded(make_blob(6, 96), "PNG"),
+        b"junk",
+    ]
+    images = EncodedImages.of(files, [(i, 2 * i, 40 + 3 * i, 60 - 2 * i) for i in range(len(files))])
+    on_gpu, kept = decode_crops(images, 64, "bicubic", torch.device("cuda"))
+    on_cpu, kept_on_cpu = decode_crops(images, 64, "bicubic", torch.device("cpu"))
+    assert kept == kept_on_cpu == list(range(7)) and on_gpu.device.type == "cuda"  # the PNG on the CPU
+    # nvjpeg's IDCT and chroma upsampling differ from libjpeg's by a grey level here and there
+    assert (on_gpu.cpu().int() - on_cpu.int()).abs().float().mean() < 1.5
+
+    for shard in range(2):
+        with ShardWriter(tmp_path / f"web-{shard}.tar") as writer:
+            for i in range(16):
+                writer.write(f"s{shard}-{i}", {"jpg": encoded(make_blob(16 * shard + i, 80), "JPEG")})
+    out = tmp_path / "student"
+    config = tiny_cuda_config(
+        train_data=str(tmp_path / "web-{0..1}.tar"), train_num_samples=32, stream_decode="device", epochs=2
+    )
+    summary = distill_student(None, out, config, device="cuda")
+    assert summary.completed and summary.input == "stream-device-decode" and summary.corrupt_samples == 0
+    assert all(torch.isfinite(torch.tensor(losses(out))))
