@@ -97,7 +97,7 @@ class DistillSummary:
     train_data: str | None = None  # streamed data instead of the run's shards
     corrupt_samples: int = 0  # streamed data: samples skipped as undecodable (all ranks, epochs of this call)
     failed_shards: int = 0  # streamed data: shards that could not be read (all ranks, epochs of this call)
-    input: str | None = None  # how the images reached the device: decoded, workers or stream
+    input: str | None = None  # how the images reached the device: decoded, workers, stream(-device-decode)
     best_epoch: int | None = None  # by validation top-1 (mean over the test sets), all calls of the run
     best_top1: float | None = None
     best_checkpoint: str | None = None  # checkpoints/epoch-E of the best epoch, when kept

@@ -134,7 +134,7 @@ class TrainData(Protocol):
     of steps per epoch, and ``state_dict`` / ``epoch_stats`` are collectives (all ranks call them)."""
 
     identity: str  # names the data and its split for the run hash: a checkpoint resumes only on the same
-    input: str  # how the images reach the device: decoded, workers or stream (logged)
+    input: str  # how the images reach the device: decoded, workers, stream or stream-device-decode (logged)
 
     @property
     def steps_per_epoch(self) -> int: ...
