@@ -18,7 +18,15 @@ from synthdistill.shards import ShardWriter
 from synthdistill.train import distill_student as distill
 from synthdistill.train.sources import RandomCrop, StreamTrainData
 from test_distill import losses, read_log
-from test_distill_webdata import GOOD, SHARDS, epoch_ends, good_in, stream_config, web  # noqa: F401
+from test_distill_webdata import (  # noqa: F401
+    GOOD,
+    SHARDS,
+    epoch_ends,
+    good_in,
+    stream_config,
+    torchrun_distill,
+    web,
+)
 
 CPU = torch.device("cpu")
 SIZE = 48  # the crop size; the images are 64 x 80, so crops are scaled down and (small boxes) up
@@ -202,6 +210,19 @@ def test_device_decode_resumes_without_repeating_finished_shards(tmp_path, web):
     assert second.completed and second.resumed_from_step == 3 and second.input == "stream-device-decode"
     rest, full = epoch_ends(out)
     assert (rest["samples"], full["samples"]) == (GOOD - good_in(finished), GOOD)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_decode_on_the_device_in_step(tmp_path, web):  # noqa: F811
+    out = tmp_path / "student"
+    torchrun_distill(web, out, "--workers", "1", "--set", "distill.stream_decode=device")
+    log = read_log(out)
+    assert (log[0]["world_size"], log[0]["input"]) == (2, "stream-device-decode")
+    ends = epoch_ends(out)
+    assert all((e["samples"], e["corrupt"], e["shards_failed"]) == (GOOD, 2, 1) for e in ends)
+    steps = [line["step"] for line in log if "loss" in line]
+    assert steps == list(range(1, len(steps) + 1)) and ends[-1]["step"] == steps[-1]
+    assert sum(e["padding_batches"] for e in ends) > 0  # a rank with fewer samples kept in step
 
 
 def test_device_decode_only_for_streamed_data():
