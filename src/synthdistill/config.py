@@ -293,7 +293,8 @@ class DistillConfig:
         "train_data: where the images are decoded: workers (PIL decodes, crops and resizes in the "
         "data-loader workers) or device (the workers read only the bytes and draw the same crop boxes; "
         "the training device decodes the JPEGs in batches, nvjpeg on CUDA, and crops and resizes there). "
-        "A result setting: torch's resize differs from PIL's by a grey level or so.",
+        "A result setting: torch's resize differs from PIL's by a grey level or two inside a crop, more "
+        "along its border (PIL's filter also reads the pixels just outside the box).",
         choices=("workers", "device"),
     )
     cache_teacher: bool = option(
