@@ -90,11 +90,12 @@ def test_device_decode_draws_the_worker_paths_boxes_and_nearly_its_pixels(mixed,
         # libjpeg decodes alike in PIL and torchvision, and both resizes are antialiased with the same
         # filters: inside the crop the two agree to a grey level or two. Along its border PIL's filter
         # also reads the pixels just outside the box, which torch's resize of the cut-out crop cannot,
-        # so edge rows differ more where a blob's edge runs along the box (measured: up to 14 levels).
+        # so edge rows differ more where a blob's edge runs along the box (measured: up to 14
+        # levels over 200 images; the bound leaves twice that).
         margin = 6  # > the filter's reach at the largest upscaling of these boxes (~2.5x, 2 taps)
         assert difference.float().mean() < 0.5
         assert difference[..., margin:-margin, margin:-margin].max() <= 2
-        assert difference.max() < 64
+        assert difference.max() <= 32
 
 
 def test_encoded_batches_split_and_join_back_to_their_files():
