@@ -1,5 +1,6 @@
-"""One prepared GPU check: the CUDA tests, the distillation benchmark and the SDXL-shaped generation
-benchmark, each in its own process with its peak memory, into ``gpu_check.json`` and a table::
+"""One prepared GPU check: the CUDA tests, the distillation benchmark, the streamed-data decoding
+benchmark (nvjpeg vs workers) and the SDXL-shaped generation benchmark, each in its own process
+with its peak memory, into ``gpu_check.json`` and a table::
 
     python benchmarks/gpu_check.py                # one CUDA GPU, under 8 minutes
     python benchmarks/gpu_check.py --quick        # the same steps at tiny sizes on the CPU (CI)
@@ -47,6 +48,7 @@ def steps(quick: bool, out: Path) -> dict[str, list[str]]:
     """Name -> wrapper arguments (a script and its arguments, or pytest and its)."""
     bench_distill = str(ROOT / "benchmarks" / "bench_distill.py")
     bench_generate = str(ROOT / "benchmarks" / "bench_generate.py")
+    bench_stream = str(ROOT / "benchmarks" / "bench_stream_decode.py")
     cuda_tests = [
         "pytest",
         "-q",
@@ -57,18 +59,36 @@ def steps(quick: bool, out: Path) -> dict[str, list[str]]:
         "no:cacheprovider",
     ]
     distill_json = ["--json", str(out / "bench_distill.json")]
+    stream_json = ["--json", str(out / "bench_stream_decode.json")]
     if quick:
         tiny_distill = ["--images", "64", "--size", "64", "--epochs", "1", "--batch-size", "16"]
         tiny_generate = ["--model", "tiny", "--images", "2", "--batch-sizes", "2", "--steps", "2"]
         return {
             "pytest -m cuda (skipped without a GPU)": cuda_tests,
             "bench_distill (cpu, tiny)": [bench_distill, "--device", "cpu", *tiny_distill, *distill_json],
+            "bench_stream_decode (cpu, tiny)": [
+                bench_stream,
+                "--device",
+                "cpu",
+                "--images",
+                "64",
+                "--size",
+                "96",
+                "--crop",
+                "64",
+                "--batch-size",
+                "16",
+                "--workers",
+                "1",
+                *stream_json,
+            ],  # fmt: skip
             "bench_generate (cpu, tiny)": [bench_generate, "--device", "cpu", *tiny_generate],
         }
     sdxl = ["--device", "cuda", "--model", "sdxl-shaped", "--images", "8", "--batch-sizes", "4"]
     return {
         "pytest -m cuda": cuda_tests,
         "bench_distill --device cuda": [bench_distill, "--device", "cuda", *distill_json],
+        "bench_stream_decode --device cuda": [bench_stream, "--device", "cuda", *stream_json],
         "bench_generate sdxl-shaped, 4 steps": [bench_generate, *sdxl, "--steps", "4"],
         "bench_generate sdxl-shaped, 6 steps": [bench_generate, *sdxl, "--steps", "6"],
     }
@@ -126,10 +146,11 @@ def main() -> None:
     results = {
         name: run_step(arguments, timeout) for name, arguments in steps(args.quick, args.out.parent).items()
     }
-    distill_json = args.out.parent / "bench_distill.json"
     report = {"device": device, "quick": args.quick, "steps": results}
-    if distill_json.is_file():
-        report["bench_distill"] = json.loads(distill_json.read_text())
+    for bench in ("bench_distill", "bench_stream_decode"):
+        figures = args.out.parent / f"{bench}.json"
+        if figures.is_file():
+            report[bench] = json.loads(figures.read_text())
     args.out.write_text(json.dumps(report, indent=2))
 
     width = max(map(len, results))

@@ -23,7 +23,9 @@ def test_gpu_check_quick_runs_every_step_and_writes_the_json(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["quick"] and len(report["steps"]) == 3
+    assert report["quick"] and len(report["steps"]) == 4
     assert all(step["exit_code"] == 0 and step["peak_memory_gib"] > 0 for step in report["steps"].values())
     figures = report["bench_distill"]
     assert figures["input_speedup"] > 0 and figures["rows"]["input: decoded pipeline"] > 0
+    stream = report["bench_stream_decode"]
+    assert stream["ratio"] > 0 and all(rate > 0 for rate in stream["images_per_s"].values())
