@@ -6,8 +6,9 @@
 1. The input pipeline alone, to the student's normalised input on the device: the worker loader
    (JPEG decoded per sample, every epoch) against the decoded pipeline (the shards decoded once
    into a uint8 store, a batch gathered from it); both crop, flip, resize and normalise with the
-   same augmentation (``data/augment.py: render_views``) on the device. Same cores: ``--workers`` processes decode for the worker loader (0: the main
-   process), the decoded pipeline uses the main process only.
+   same augmentation (``data/augment.py: render_views``) on the device. Same cores: ``--workers``
+   processes decode for the worker loader (0: the main process), the decoded pipeline uses the
+   main process only.
 2. Full training with each input (teacher cache on, built beforehand).
 3. The live teacher against the cache at equal views (``--epochs`` = cached views), the cache's
    build time included.
