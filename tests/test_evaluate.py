@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -106,6 +107,9 @@ def test_zero_shot_head_is_the_template_ensemble_and_is_cached(tmp_path, tiny_te
         per_template = F.normalize(tiny_teacher.encode_texts([t.format(c=name) for t in templates]), dim=1)
         assert torch.allclose(head[:, c], F.normalize(per_template.mean(0), dim=0), atol=1e-6)
     (cached,) = tmp_path.glob("animals-*.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert cached.stat().st_mode & 0o777 == 0o644 & ~umask  # a cache another user of the run can read
     from safetensors.torch import save_file
 
     save_file({"head": torch.zeros_like(head)}, str(cached))

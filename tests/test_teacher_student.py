@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -63,6 +65,10 @@ def test_student_round_trip(tmp_path, tiny_teacher, head):
     assert torch.allclose(student(images), loaded(images), atol=1e-6)
     assert loaded.config == student.config
     assert loaded.config.preprocessing.image_size == 64
+    umask = os.umask(0)
+    os.umask(umask)  # readable by group and others like any file the user writes (safetensors: 0600)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "student").iterdir()}
+    assert modes == {"model.safetensors": 0o644 & ~umask, "config.json": 0o644 & ~umask}
 
 
 def test_student_folder_without_weights_is_named(tmp_path):

@@ -86,6 +86,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             _remove(tmp)
 
 
+def make_readable(paths: list[Path]) -> None:
+    """Files 0644 and folders 0755, less the umask: readable like any file the user writes
+    (safetensors' ``save_file`` creates its files 0600, whatever the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in map(Path, paths):
+        for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+            os.chmod(item, (0o755 if item.is_dir() else 0o644) & ~umask)
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synthdistill.errors import SynthdistillError
-from synthdistill.fileio import atomic_path, atomic_write_json, read_json
+from synthdistill.fileio import atomic_path, atomic_write_json, make_readable, read_json
 from synthdistill.teacher import Preprocessing
 from synthdistill.tiny import TINY_IMAGE_SIZE, TINY_STUDENT_TIMM_NAME, is_tiny
 
@@ -495,6 +495,7 @@ def save_student(student: Student, directory: str | Path) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "synthdistill": "student"})
+        make_readable([tmp])
     atomic_write_json(directory / CONFIG_NAME, student.config.to_json())
     return directory
 

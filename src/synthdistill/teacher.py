@@ -122,7 +122,7 @@ def cached_zero_shot_head(
     which holds its values exactly)."""
     from safetensors.torch import load_file, save_file
 
-    from synthdistill.fileio import atomic_path
+    from synthdistill.fileio import atomic_path, make_readable
     from synthdistill.identity import digest, zero_shot_head_identity
 
     if cache_dir is None:
@@ -137,6 +137,7 @@ def cached_zero_shot_head(
         head = teacher.build_zero_shot_head(classnames, templates, amp_dtype).float().cpu()
         with atomic_path(path) as tmp:
             save_file({"head": head.contiguous()}, str(tmp), metadata={"teacher": teacher.identity})
+            make_readable([tmp])
     return head.to(teacher.device)
 
 

@@ -57,7 +57,14 @@ from synthdistill.deploy.zero_shot import ZeroShotClassifier, classifier_for_dom
 from synthdistill.errors import SynthdistillError
 from synthdistill.evaluate import Entry, EvaluationResults
 from synthdistill.evaluate.test_sets import TestSet
-from synthdistill.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json, temporary_name
+from synthdistill.fileio import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    make_readable,
+    read_json,
+    temporary_name,
+)
 from synthdistill.identity import teacher_tower_identity
 from synthdistill.registry import Domain
 from synthdistill.shards import list_shards
@@ -709,16 +716,6 @@ def render_model_card(
     return "\n".join(lines)
 
 
-def _make_readable(paths: list[Path]) -> None:
-    """Files 0644 and folders 0755, less the umask: readable like any file the user writes
-    (safetensors' ``save_file`` creates its files 0600, whatever the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in paths:
-        for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
-            os.chmod(item, (0o755 if item.is_dir() else 0o644) & ~umask)
-
-
 def _sample_source(config: ExportConfig, out_dir: Path) -> Path:
     """Where the fp16/int8 forms take their images: export.sample_images, else the run's shards."""
     source = Path(config.sample_images).expanduser() if config.sample_images else out_dir.parent / "shards"
@@ -855,7 +852,7 @@ def export_student(
     )
     atomic_write_text(out_dir / CARD_NAME, card)
     files.update(labels=out_dir / LABELS_NAME, model_card=out_dir / CARD_NAME)
-    _make_readable(list(files.values()))
+    make_readable(list(files.values()))
     return summary
 
 
