@@ -21,7 +21,7 @@ from synthdistill.evaluate.protocols import (
     paper_template,
 )
 from synthdistill.evaluate.stage import Encoder, zero_shot_pass
-from synthdistill.evaluate.test_sets import image_folder_test_set, validation_transform
+from synthdistill.evaluate.test_sets import image_folder_test_set
 from synthdistill.registry import get_dataset
 from synthdistill.student import create_student, load_student, save_student
 from synthdistill.teacher import Preprocessing, cached_zero_shot_head, load_teacher
@@ -49,7 +49,7 @@ def reference_paper_transform(size: int) -> T.Compose:
 def test_paper_transform_is_bilinear_short_side_224_and_centre_crop_on_a_real_image():
     image = Image.open(REAL_IMAGE).convert("RGB")
     assert image.size[0] != image.size[1]  # the crop matters
-    ours = validation_transform(paper_preprocessing(224))(image)
+    ours = paper_preprocessing(224).eval_transform()(image)
     assert ours.shape == (3, 224, 224)
     assert torch.equal(ours, reference_paper_transform(224)(image))
     bicubic = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])

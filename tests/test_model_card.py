@@ -14,7 +14,6 @@ import torch
 from synthdistill.config import ExportConfig
 from synthdistill.deploy.export import export_student
 from synthdistill.deploy.predict import predict
-from synthdistill.evaluate.test_sets import validation_transform
 from synthdistill.registry import domain_from_classes
 from synthdistill.student import create_student, load_student, save_student
 from synthdistill.teacher import load_teacher
@@ -39,7 +38,7 @@ def test_student_preprocess_matches_the_onnx_input_and_the_card_explains_and_run
 
     loaded = load_student(run / "student")
     image = make_image(3, size=97)
-    assert torch.equal(loaded.preprocess(image), validation_transform(loaded.config.preprocessing)(image))
+    assert torch.equal(loaded.preprocess(image), loaded.config.preprocessing.eval_transform()(image))
     assert float(loaded.preprocess(image).min()) < 0  # CLIP-normalised, unlike the ONNX model's input
     size = loaded.config.preprocessing.image_size
     square = image.resize((size, size))

@@ -38,7 +38,6 @@ from synthdistill.evaluate.test_sets import (
     image_folder_test_set,
     make_loader,
     registry_test_set,
-    validation_transform,
 )
 from synthdistill.progress import progress_bar
 from synthdistill.registry import Domain
@@ -147,16 +146,6 @@ def resolve_test_sets(config: EvaluateConfig, domain: Domain | None) -> list[Tes
     return test_sets
 
 
-def test_sets_for_export(config: EvaluateConfig, domain: Domain | None) -> list[TestSet]:
-    """The real test sets evaluate reads, for export to check its fp16/int8 forms on; none (said in the
-    log) when their files are not there, as the synthetic held-out images still check the forms."""
-    try:
-        return resolve_test_sets(config, domain)
-    except MissingTestSet as error:
-        log.warning("The fp16/int8 forms are checked on synthetic images only: %s", error)
-        return []
-
-
 def _teacher_name(
     student: Student | None, student_dir: Path | None, teacher: str | None, teacher_pretrained: str | None
 ) -> tuple[str, str | None]:
@@ -183,12 +172,12 @@ def _encoders(
     student_pre = (student.config.preprocessing or teacher.preprocessing) if student is not None else None
     if setup.shared_preprocessing is not None:
         teacher_pre = student_pre = setup.shared_preprocessing
-        transforms = [validation_transform(setup.shared_preprocessing)]
+        transforms = [setup.shared_preprocessing.eval_transform()]
     else:
         teacher_pre = teacher.preprocessing
         transforms = [teacher.preprocess_val] if runs_teacher else []
         if student is not None and (not runs_teacher or student_pre != teacher_pre):
-            transforms.append(validation_transform(student_pre))
+            transforms.append(student_pre.eval_transform())
     encoders = [Encoder("teacher", teacher.model.encode_image, 0, teacher_pre)] if runs_teacher else []
     if student is not None:
         encoders.append(Encoder("student", student.forward_features, len(transforms) - 1, student_pre))
@@ -358,7 +347,7 @@ def zero_shot_top1(
             test_set,
             head,
             [encoder],
-            [validation_transform(preprocessing)],
+            [preprocessing.eval_transform()],
             amp_dtype=setup.amp_dtype,
             device=device,
             batch_size=batch_size,

@@ -29,7 +29,6 @@ from torchvision.datasets import ImageFolder
 from synthdistill.errors import SynthdistillError, setting
 from synthdistill.registry import Domain, EvalSpec, domain_from_classes, get_dataset
 from synthdistill.shards import IMAGE_EXTENSIONS, ShardSamples, count_samples, decode_image, list_shards
-from synthdistill.teacher import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +90,6 @@ class Batch:
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True): a plain dataclass is otherwise left unpinned."""
         return Batch(tuple(x.pin_memory() for x in self.images), self.labels.pin_memory(), self.skipped)
-
-
-def validation_transform(preprocessing: Preprocessing) -> Callable:
-    """A model's evaluation preprocessing (:meth:`Preprocessing.eval_transform`)."""
-    return preprocessing.eval_transform()
 
 
 def _expected_files(spec: EvalSpec) -> list[str]:
